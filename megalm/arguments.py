@@ -1,0 +1,114 @@
+"""Command-line flags derived from the configuration dataclasses.
+
+Every field of the dataclasses in `megalm.config` becomes one flag: ``num_layers`` -> ``--num-layers``,
+with the field's type, default and ``help``. Booleans that default to False are ``store_true``
+switches; booleans that default to True need an explicit negative ``flag`` in their metadata
+(``--disable-bias-linear``). Parsing is strict: an unknown flag stops the program with a message
+naming it and the closest known flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import typing
+from typing import Optional, Sequence
+
+from megalm.config import SECTIONS, Config, ConfigError
+
+
+def _flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _base_type(annotation):
+    """int for `int` and `Optional[int]`; also resolves string annotations."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"Optional": Optional, "list": list})  # noqa: S307 (our own source)
+    if typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0]
+    return annotation
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (so callers decide how to exit) and suggests flag names."""
+
+    def error(self, message):
+        if "unrecognized arguments" in message:
+            unknown = message.split(":", 1)[1].split()
+            known = [s for a in self._actions for s in a.option_strings]
+            hints = []
+            for u in unknown:
+                if u.startswith("-"):
+                    close = difflib.get_close_matches(u.split("=")[0], known, n=3)
+                    hints.append(f"{u}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            raise ConfigError("unknown flag(s): " + "; ".join(hints or unknown) +
+                              ". Run with --help for the list of flags.")
+        raise ConfigError(message)
+
+
+def build_parser(description: str = "megalm", extra: Optional[callable] = None) -> argparse.ArgumentParser:
+    """The parser for all config sections. `extra(parser)` may add tool-specific flags."""
+    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                     allow_abbrev=False)
+    for section, klass in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(klass):
+            if f.metadata.get("derived"):
+                continue
+            kind = _base_type(f.type)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            kwargs = dict(dest=f"{section}.{f.name}", help=f.metadata["help"], default=default)
+            if kind is bool:
+                kwargs["action"] = "store_false" if default else "store_true"
+            elif kind is list:
+                kwargs["nargs"] = "+"
+            else:
+                kwargs["type"] = kind
+                if "choices" in f.metadata:
+                    kwargs["choices"] = f.metadata["choices"]
+            group.add_argument(_flag_name(f), **kwargs)
+    if extra is not None:
+        extra(parser)
+    return parser
+
+
+def config_from_namespace(ns: argparse.Namespace) -> Config:
+    sections = {name: {} for name in SECTIONS}
+    for key, value in vars(ns).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            sections[section][name] = value
+    return Config(**{name: SECTIONS[name](**values) for name, values in sections.items()})
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, extra: Optional[callable] = None,
+               description: str = "megalm"):
+    """Parse flags into a Config (not yet validated) and the namespace (for `extra` flags)."""
+    parser = build_parser(description, extra)
+    ns = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    return config_from_namespace(ns), ns
+
+
+def config_to_argv(config: Config) -> list:
+    """The flags that reproduce `config` (used in logs and tests)."""
+    argv = []
+    for section, klass in SECTIONS.items():
+        obj = getattr(config, section)
+        for f in dataclasses.fields(klass):
+            if f.metadata.get("derived"):
+                continue
+            value = getattr(obj, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if value == default or value is None:
+                continue
+            if isinstance(value, bool):
+                argv.append(_flag_name(f))
+            elif isinstance(value, list):
+                argv += [_flag_name(f)] + [str(v) for v in value]
+            else:
+                argv += [_flag_name(f), str(value)]
+    return argv

@@ -1,0 +1,314 @@
+"""Configuration dataclasses: the single source of every option.
+
+Each field is one command-line flag. `megalm.arguments` derives the flag name (``num_layers`` ->
+``--num-layers``), its type, default and help text from the field, so adding an option means adding
+one field here. Names follow Megatron-LM where it has one. A field's ``metadata`` may carry:
+
+- ``help``: the help text (required);
+- ``flag``: an explicit flag name when Megatron's differs from the field name
+  (``add_bias_linear`` is switched off by ``--disable-bias-linear``);
+- ``choices``: the allowed values.
+
+``Config.validate`` checks cross-field rules once at start-up and raises `ConfigError` naming the
+flag at fault, so a bad command line never fails deep inside a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A flag, or a combination of flags, that cannot work. The message names the flag."""
+
+
+def opt(default, help: str, flag: Optional[str] = None, choices=None):
+    """A dataclass field that is also a command-line flag."""
+    metadata = {"help": help}
+    if flag is not None:
+        metadata["flag"] = flag
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = opt(12, "Number of transformer layers.")
+    hidden_size: int = opt(768, "Transformer hidden size.")
+    num_attention_heads: int = opt(12, "Number of attention (query) heads.")
+    num_query_groups: Optional[int] = opt(
+        None, "Number of key/value heads for grouped-query attention (default: one per query head).")
+    ffn_hidden_size: Optional[int] = opt(
+        None, "MLP hidden size (default: 4 x hidden, or about 8/3 x hidden rounded to 64 with --swiglu).")
+    kv_channels: Optional[int] = opt(None, "Head dimension (default: hidden-size / num-attention-heads).")
+    seq_length: int = opt(1024, "Sequence length of each training sample, in tokens.")
+    max_position_embeddings: Optional[int] = opt(
+        None, "Size of the learned position table, and the longest sequence the model accepts "
+              "(default: --seq-length).")
+    make_vocab_size_divisible_by: int = opt(
+        128, "Pad the vocabulary to a multiple of this (x tensor-parallel size) for fast matmuls.")
+    position_embedding_type: str = opt(
+        "learned_absolute", "Position encoding.", choices=["learned_absolute", "rope"])
+    rotary_base: float = opt(10000.0, "RoPE base (theta).")
+    normalization: str = opt("LayerNorm", "Normalization layer.", choices=["LayerNorm", "RMSNorm"])
+    norm_epsilon: float = opt(1e-5, "Epsilon of the normalization layers.")
+    swiglu: bool = opt(False, "Use a SwiGLU MLP instead of GELU.")
+    add_bias_linear: bool = opt(True, "Drop the biases of all linear layers.", flag="--disable-bias-linear")
+    add_qkv_bias: bool = opt(False, "Keep biases on the query/key/value projection even with "
+                                    "--disable-bias-linear (Qwen2 style).")
+    untie_embeddings_and_output_weights: bool = opt(
+        False, "Give the output layer its own weight instead of sharing the input embedding.")
+    attention_dropout: float = opt(0.1, "Dropout probability on the attention probabilities.")
+    hidden_dropout: float = opt(0.1, "Dropout probability on the residual branches and embeddings.")
+    init_method_std: float = opt(
+        0.02, "Standard deviation of the normal initialisation; output projections use "
+              "std / sqrt(2 x num-layers).")
+    attention_backend: str = opt(
+        "auto", "Attention implementation: auto picks the fastest available for the device.",
+        choices=["auto", "triton", "sdpa", "reference"])
+    normalization_backend: str = opt(
+        "auto", "Normalization implementation (auto: fused kernel on a GPU, reference on CPU).",
+        choices=["auto", "triton", "cuda", "reference"])
+    cross_entropy_fusion: str = opt(
+        "auto", "Fuse the output layer with the cross-entropy loss so the [tokens x vocab] logits "
+                "never exist (auto: fused on a GPU).", choices=["auto", "fused", "unfused"])
+
+    # Not flags: derived at start-up.
+    padded_vocab_size: int = field(default=0, metadata={"derived": True})
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.swiglu:
+            return int((4 * self.hidden_size * 2 / 3) / 64) * 64 or 64
+        return 4 * self.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+
+@dataclass
+class ParallelConfig:
+    ddp_bucket_size: int = opt(
+        40_000_000, "Data-parallel gradient bucket size in parameters; buckets are all-reduced "
+                    "as soon as their gradients are ready, overlapping the backward pass.")
+    overlap_grad_reduce: bool = opt(
+        True, "Wait for the whole backward pass before reducing gradients.",
+        flag="--no-overlap-grad-reduce")
+    distributed_backend: str = opt(
+        "auto", "torch.distributed backend (auto: nccl on GPUs, gloo on CPU).",
+        choices=["auto", "nccl", "gloo"])
+    distributed_timeout_minutes: int = opt(10, "Timeout of collective operations, in minutes.")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = opt("adam", "Optimizer: AdamW (decoupled weight decay) or Lion.",
+                         choices=["adam", "lion"])
+    lr: float = opt(3e-4, "Peak learning rate.")
+    min_lr: float = opt(0.0, "Learning rate at the end of the decay.")
+    lr_warmup_iters: int = opt(0, "Iterations of linear warm-up from 0 to --lr.")
+    lr_decay_style: str = opt("cosine", "Decay after the warm-up.",
+                              choices=["constant", "linear", "cosine", "WSD"])
+    lr_decay_iters: Optional[int] = opt(None, "Iteration at which the decay reaches --min-lr "
+                                              "(default: --train-iters).")
+    lr_wsd_decay_iters: Optional[int] = opt(
+        None, "WSD: length of the final decay phase in iterations (default: 10%% of the decay span).")
+    lr_wsd_decay_style: str = opt("linear", "WSD: shape of the final decay phase.",
+                                  choices=["linear", "cosine", "exponential", "minus_sqrt"])
+    weight_decay: float = opt(0.01, "Decoupled weight decay (not applied to norms and biases).")
+    adam_beta1: float = opt(0.9, "First moment coefficient (AdamW and Lion).")
+    adam_beta2: float = opt(0.999, "Second moment coefficient (AdamW; Lion's momentum decay).")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    clip_grad: float = opt(1.0, "Clip the global gradient L2 norm to this value (0 disables).")
+    loss_scale: Optional[float] = opt(None, "fp16: a static loss scale (default: dynamic).")
+    initial_loss_scale: float = opt(2.0 ** 32, "fp16: initial dynamic loss scale.")
+    min_loss_scale: float = opt(1.0, "fp16: the dynamic loss scale never goes below this.")
+    loss_scale_window: int = opt(1000, "fp16: steps without overflow before the scale doubles.")
+    hysteresis: int = opt(2, "fp16: overflows tolerated before the scale halves.")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = opt(4, "Samples per forward/backward pass on each data-parallel rank.")
+    global_batch_size: Optional[int] = opt(
+        None, "Samples per optimizer step over all ranks; the rest is gradient accumulation "
+              "(default: micro batch x data-parallel size).")
+    train_iters: Optional[int] = opt(None, "Optimizer steps to train for.")
+    train_tokens: Optional[int] = opt(None, "Train until this many tokens are consumed "
+                                            "(alternative to --train-iters).")
+    seed: int = opt(1234, "Random seed for initialisation, dropout and data order.")
+    bf16: bool = opt(False, "bfloat16 mixed precision (autocast; fp32 master weights).")
+    fp16: bool = opt(False, "float16 mixed precision with dynamic loss scaling.")
+    save: Optional[str] = opt(None, "Directory to write checkpoints to.")
+    load: Optional[str] = opt(None, "Directory to resume from (its latest checkpoint).")
+    save_interval: Optional[int] = opt(None, "Save a checkpoint every this many iterations.")
+    load_fallback: bool = opt(
+        False, "If the latest checkpoint is unreadable, resume from the newest readable one "
+               "instead of stopping.")
+    no_load_optim: bool = opt(False, "Load model weights only, not the optimizer state.")
+    no_load_rng: bool = opt(False, "Do not restore the random number generator states.")
+    finetune: bool = opt(False, "Load weights only and start from iteration 0 "
+                                "(no optimizer, scheduler or data position).")
+    eval_interval: int = opt(1000, "Evaluate on the validation set every this many iterations.")
+    eval_iters: int = opt(100, "Validation micro-batches per evaluation (0 disables).")
+    log_interval: int = opt(100, "Print a log line every this many iterations.")
+    tensorboard_dir: Optional[str] = opt(None, "Write TensorBoard scalars here.")
+    exit_interval: Optional[int] = opt(None, "Save (if --save) and exit at this iteration.")
+    compile: bool = opt(False, "Compile the model with torch.compile.")
+    device: str = opt("auto", "Device to train on (auto: cuda when available).",
+                      choices=["auto", "cuda", "cpu"])
+    peak_flops: Optional[float] = opt(
+        None, "Peak dense FLOP/s of one device for MFU (default: looked up from the device name).")
+
+
+@dataclass
+class DataConfig:
+    data_path: list = opt([], "Dataset prefix(es), optionally weighted: --data-path 0.3 A 0.7 B.")
+    split: str = opt("969,30,1", "Train/valid/test proportions of each dataset.")
+    mock_data: bool = opt(False, "Train on a deterministic synthetic token stream (no files).")
+    tokenizer_type: Optional[str] = opt(
+        None, "Tokenizer: GPT2BPETokenizer, SentencePieceTokenizer, HuggingFaceTokenizer, MegaBPE "
+              "or NullTokenizer.")
+    tokenizer_model: Optional[str] = opt(None, "Tokenizer file (tokenizer.json, tokenizer.model, "
+                                               "or a directory holding one).")
+    vocab_file: Optional[str] = opt(None, "GPT-2 vocab.json.")
+    merge_file: Optional[str] = opt(None, "GPT-2 merges.txt.")
+    vocab_size: Optional[int] = opt(None, "Vocabulary size for NullTokenizer / --mock-data.")
+    data_cache_path: Optional[str] = opt(None, "Where to cache dataset indices "
+                                               "(default: next to the data).")
+    num_workers: int = opt(0, "DataLoader worker processes.")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        """Rebuild from `to_dict` output; keys unknown to this version are ignored."""
+        sections = {}
+        for name, klass in SECTIONS.items():
+            known = {f.name for f in dataclasses.fields(klass)}
+            sections[name] = klass(**{k: v for k, v in d.get(name, {}).items() if k in known})
+        return cls(**sections)
+
+    def validate(self, data_parallel_size: int = 1) -> "Config":
+        """Check cross-field rules; fill in derived defaults. Raises ConfigError naming the flag."""
+        m, t, o, d = self.model, self.train, self.optim, self.data
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                     "make_vocab_size_divisible_by"):
+            if getattr(m, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(m, name)}")
+        if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+            raise ConfigError(
+                f"--num-attention-heads ({m.num_attention_heads}) must divide --hidden-size "
+                f"({m.hidden_size}), or set --kv-channels explicitly")
+        if m.num_query_groups is not None:
+            if m.num_query_groups <= 0 or m.num_attention_heads % m.num_query_groups:
+                raise ConfigError(
+                    f"--num-query-groups ({m.num_query_groups}) must divide --num-attention-heads "
+                    f"({m.num_attention_heads})")
+        if m.position_embedding_type == "rope" and m.head_dim % 2:
+            raise ConfigError(f"rope needs an even head dimension, got {m.head_dim} (--kv-channels)")
+        if m.max_positions < m.seq_length:
+            raise ConfigError(
+                f"--max-position-embeddings ({m.max_position_embeddings}) is smaller than "
+                f"--seq-length ({m.seq_length})")
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(m, name) < 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(m, name)}")
+
+        if t.bf16 and t.fp16:
+            raise ConfigError("--bf16 and --fp16 are mutually exclusive: choose one")
+        if t.micro_batch_size <= 0:
+            raise ConfigError(f"--micro-batch-size must be positive, got {t.micro_batch_size}")
+        if t.global_batch_size is None:
+            t.global_batch_size = t.micro_batch_size * data_parallel_size
+        if t.global_batch_size % (t.micro_batch_size * data_parallel_size):
+            raise ConfigError(
+                f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
+                f"({t.micro_batch_size}) x data-parallel size ({data_parallel_size})")
+        if t.train_iters is None and t.train_tokens is None:
+            raise ConfigError("give the length of training with --train-iters or --train-tokens")
+        if t.train_iters is not None and t.train_tokens is not None:
+            raise ConfigError("--train-iters and --train-tokens are mutually exclusive: choose one")
+        if t.train_tokens is not None:
+            tokens_per_iter = t.global_batch_size * m.seq_length
+            t.train_iters = math.ceil(t.train_tokens / tokens_per_iter)
+        if t.train_iters <= 0:
+            raise ConfigError(f"--train-iters must be positive, got {t.train_iters}")
+        if t.save_interval is not None and t.save_interval <= 0:
+            raise ConfigError(f"--save-interval must be positive, got {t.save_interval}")
+        if t.save_interval is not None and t.save is None:
+            raise ConfigError("--save-interval needs --save DIR to know where to write checkpoints")
+        if t.log_interval <= 0 or t.eval_interval <= 0:
+            raise ConfigError("--log-interval and --eval-interval must be positive")
+
+        if o.lr < 0 or o.min_lr < 0:
+            raise ConfigError("--lr and --min-lr must not be negative")
+        if o.min_lr > o.lr:
+            raise ConfigError(f"--min-lr ({o.min_lr}) is larger than --lr ({o.lr})")
+        if o.lr_warmup_iters < 0:
+            raise ConfigError(f"--lr-warmup-iters must not be negative, got {o.lr_warmup_iters}")
+        if o.lr_decay_iters is None:
+            o.lr_decay_iters = t.train_iters
+        if o.lr_warmup_iters > o.lr_decay_iters:
+            raise ConfigError(
+                f"--lr-warmup-iters ({o.lr_warmup_iters}) is longer than --lr-decay-iters "
+                f"({o.lr_decay_iters})")
+        if o.clip_grad < 0:
+            raise ConfigError(f"--clip-grad must not be negative, got {o.clip_grad}")
+
+        if not d.mock_data and not d.data_path:
+            raise ConfigError("no training data: give --data-path PREFIX (from tools/preprocess_data.py) "
+                              "or --mock-data for a synthetic stream")
+        if d.mock_data and d.data_path:
+            raise ConfigError("--mock-data and --data-path are mutually exclusive: choose one")
+        if d.mock_data and d.tokenizer_type in (None, "NullTokenizer") and not d.vocab_size:
+            raise ConfigError("--mock-data with NullTokenizer needs --vocab-size N")
+        if d.tokenizer_type is None and not d.mock_data:
+            raise ConfigError("--data-path needs --tokenizer-type (and its --tokenizer-model / "
+                              "--vocab-file / --merge-file) matching the tokenizer used by "
+                              "tools/preprocess_data.py")
+        if d.tokenizer_type == "NullTokenizer" and not d.vocab_size:
+            raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size N")
+        return self
+
+
+def pad_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int = 1) -> int:
+    """Megatron's padding: round the vocabulary up to a multiple of divisible_by x TP."""
+    multiple = divisible_by * tensor_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)

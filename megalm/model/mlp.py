@@ -1,0 +1,31 @@
+"""The position-wise MLP: GELU (GPT-2) or SwiGLU (Shazeer, 2020; Llama).
+
+With SwiGLU, `linear_fc1` produces the gate and the up projection in one matmul, gate half first
+([2 x ffn, h] weight), and `megalm.kernels.swiglu` computes silu(gate) * up.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megalm.config import ModelConfig
+from megalm.kernels import swiglu
+from megalm.model.init import normal_init, scaled_init
+from megalm.parallel.tensor import ColumnParallelLinear, RowParallelLinear
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.swiglu = config.swiglu
+        ffn = config.ffn_size
+        std = config.init_method_std
+        self.linear_fc1 = ColumnParallelLinear(config.hidden_size, 2 * ffn if self.swiglu else ffn,
+                                               bias=config.add_bias_linear, init_method=normal_init(std))
+        self.linear_fc2 = RowParallelLinear(ffn, config.hidden_size, bias=config.add_bias_linear,
+                                            init_method=scaled_init(std, config.num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, h]
+        h = self.linear_fc1(x)
+        h = swiglu(h) if self.swiglu else F.gelu(h, approximate="tanh")
+        return self.linear_fc2(h)

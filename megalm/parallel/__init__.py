@@ -1,0 +1,1 @@
+"""Parallelism on torch.distributed: process groups, tensor-parallel layers, data parallel."""

@@ -1,0 +1,1 @@
+"""Training: the loop, optimizers, LR schedules, precision, checkpoints and logs."""

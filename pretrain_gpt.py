@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Pre-train a GPT model.
+
+    python pretrain_gpt.py --mock-data --tokenizer-type NullTokenizer --vocab-size 512 \\
+        --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 \\
+        --micro-batch-size 8 --global-batch-size 32 --train-iters 200 --lr 1e-3
+
+    torchrun --nproc-per-node 8 pretrain_gpt.py ...    # each process is a data-parallel rank
+
+The three providers below are the whole recipe, as in Megatron-LM: a model, the datasets and the
+forward step. `megalm.training.pretrain` does the rest (see `--help` for every flag).
+"""
+
+import sys
+
+from megalm.arguments import parse_args
+from megalm.config import Config, ConfigError, pad_vocab_size
+from megalm.model import GPTModel
+from megalm.training.checkpoint import CheckpointError
+from megalm.training.trainer import TrainingError, gpt_forward_step, pretrain
+
+
+def model_provider(config: Config) -> GPTModel:
+    return GPTModel(config.model)
+
+
+def datasets_provider(config: Config, num_samples):
+    """(train, valid, test) datasets of samples with seq_length + 1 tokens."""
+    if config.data.mock_data:
+        from megalm.data.mock import MockGPTDataset
+        vocab = config.model.padded_vocab_size if config.data.vocab_size is None else config.data.vocab_size
+        # Distinct seeds give the three splits distinct streams from the same chain.
+        return tuple(MockGPTDataset(vocab, config.model.seq_length, max(n, 1), config.train.seed,
+                                    stream=split) if n > 0 else None
+                     for split, n in enumerate(num_samples))
+    from megalm.data import build_train_valid_test_datasets
+    return build_train_valid_test_datasets(config.data, config.model.seq_length, num_samples,
+                                           config.train.seed)
+
+
+def set_vocabulary(config: Config) -> None:
+    """Pad the tokenizer's vocabulary for the model (Megatron's --make-vocab-size-divisible-by)."""
+    if config.data.tokenizer_type in (None, "NullTokenizer"):
+        # Token ids are given directly (mock data): the vocabulary is --vocab-size.
+        vocab_size = config.data.vocab_size
+    else:
+        from megalm.data.tokenizer import build_tokenizer
+        vocab_size = build_tokenizer(config.data).vocab_size
+    config.model.padded_vocab_size = pad_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by)
+
+
+def main(argv=None) -> int:
+    try:
+        config, _ = parse_args(argv, description=__doc__.split("\n\n")[0])
+        config.validate()  # early, single-process checks; the trainer re-checks with the real DP size
+        set_vocabulary(config)
+        pretrain(config, model_provider, datasets_provider, gpt_forward_step)
+    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

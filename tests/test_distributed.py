@@ -1,0 +1,45 @@
+"""Data parallelism under torchrun (gloo on CPU) is equivalent to one process with the same global batch."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ["--mock-data", "--vocab-size", "256", "--num-layers", "2", "--hidden-size", "32",
+         "--num-attention-heads", "4", "--seq-length", "32", "--attention-dropout", "0", "--hidden-dropout", "0",
+         "--log-interval", "1", "--eval-iters", "0", "--train-iters", "5", "--global-batch-size", "8",
+         "--lr", "1e-3", "--seed", "3"]
+
+
+def losses(output: str) -> list:
+    return [float(x) for x in re.findall(r"^iter \d+/\d+ \| tokens \S+ \| loss ([\d.]+)", output, re.M)]
+
+
+def launch(nproc: int, *flags) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if nproc == 1:
+        cmd = [sys.executable, "pretrain_gpt.py"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "pretrain_gpt.py"]
+    out = subprocess.run(cmd + FLAGS + list(flags), cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_reproduce_single_process_loss():
+    single = losses(launch(1, "--micro-batch-size", "4"))
+    # 2 ranks x micro batch 2 x 2 accumulation steps; tiny buckets so several overlap the backward.
+    output = launch(2, "--micro-batch-size", "2", "--ddp-bucket-size", "2000")
+    assert "data-parallel 2" in output
+    assert "accumulation 2" in output
+    double = losses(output)
+    assert len(single) == len(double) == 5
+    for a, b in zip(single, double):
+        assert a == pytest.approx(b, rel=2e-5)
+    assert double[-1] < double[0]
