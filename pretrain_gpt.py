@@ -11,6 +11,7 @@ The three providers below are the whole recipe, as in Megatron-LM: a model, the 
 forward step. `megalm.training.pretrain` does the rest (see `--help` for every flag).
 """
 
+import copy
 import sys
 
 from megalm.arguments import parse_args
@@ -52,7 +53,10 @@ def set_vocabulary(config: Config) -> None:
 def main(argv=None) -> int:
     try:
         config, _ = parse_args(argv, description=__doc__.split("\n\n")[0])
-        config.validate()  # early, single-process checks; the trainer re-checks with the real DP size
+        # Fail fast on bad flags, before any process group or tokenizer exists. validate() fills in
+        # defaults that depend on the data-parallel size, so check a copy: the trainer validates
+        # the real config once the process group tells it that size.
+        copy.deepcopy(config).validate()
         set_vocabulary(config)
         pretrain(config, model_provider, datasets_provider, gpt_forward_step)
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
