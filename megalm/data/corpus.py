@@ -1,0 +1,165 @@
+"""Reading raw corpora: jsonl, plain text and parquet, streamed record by record.
+
+Reading is split in two so that parsing can happen in worker processes: `iter_raw` yields cheap
+`RawRecord`s (the bytes of a jsonl line, a text block, or a parquet row) in the main process,
+and `parse_record` turns one into a dict in a worker, raising `RecordError` for a malformed line or
+a missing key, with the file and line number.
+
+File kinds go by extension: ``.jsonl`` / ``.json`` / ``.ndjson`` (one JSON object per line),
+``.parquet``, anything else is plain text; a trailing ``.gz`` is decompressed on the fly. Plain
+text is cut into documents per `text_sample_by`: ``line``, ``paragraph`` (blocks separated by
+blank lines; the default) or ``document`` (the whole file).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from megalm.data.errors import DataError
+
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+TEXT_SAMPLE_BY = ("line", "paragraph", "document")
+
+
+@dataclass
+class RawRecord:
+    source: str
+    line: int  # 1-based line (jsonl, text) or row (parquet) number
+    kind: str  # "json" | "text" | "row"
+    payload: Any  # bytes (json), str (text) or dict (row)
+    size: int  # bytes read, for throughput
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; `kind` is "malformed" or "missing_key"."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def file_kind(path: str) -> str:
+    name = path[:-3] if path.endswith(".gz") else path
+    if name.endswith(JSON_SUFFIXES):
+        return "json"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def check_inputs(paths: Sequence[str], flag: str = "--input") -> None:
+    if not paths:
+        raise DataError(f"no input files: give {flag} FILE [FILE ...]")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f"{flag} {path}: no such file")
+
+
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def iter_raw(paths: Sequence[str], text_sample_by: str = "paragraph") -> Iterator[RawRecord]:
+    """Every record of every file, in order."""
+    if text_sample_by not in TEXT_SAMPLE_BY:
+        raise DataError(f"--text-sample-by {text_sample_by!r}: choose one of {', '.join(TEXT_SAMPLE_BY)}")
+    for path in paths:
+        kind = file_kind(path)
+        if kind == "json":
+            yield from _iter_jsonl(path)
+        elif kind == "parquet":
+            yield from _iter_parquet(path)
+        else:
+            yield from _iter_text(path, text_sample_by)
+
+
+def _iter_jsonl(path: str) -> Iterator[RawRecord]:
+    with _open_binary(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield RawRecord(path, n, "json", line, len(line))
+
+
+def _iter_text(path: str, sample_by: str) -> Iterator[RawRecord]:
+    with _open_binary(path) as raw:
+        f = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+        if sample_by == "document":
+            text = f.read()
+            if text.strip():
+                yield RawRecord(path, 1, "text", text, len(text.encode("utf-8", errors="replace")))
+            return
+        block, start = [], 1
+        for n, line in enumerate(f, 1):
+            if sample_by == "line":
+                if line.strip():
+                    yield RawRecord(path, n, "text", line.rstrip("\r\n"), len(line))
+                continue
+            if line.strip():
+                if not block:
+                    start = n
+                block.append(line)
+            elif block:
+                text = "".join(block).rstrip("\r\n")
+                yield RawRecord(path, start, "text", text, len(text))
+                block = []
+        if block:
+            text = "".join(block).rstrip("\r\n")
+            yield RawRecord(path, start, "text", text, len(text))
+
+
+def _iter_parquet(path: str) -> Iterator[RawRecord]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    try:
+        reader = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own error types for foreign files
+        raise DataError(f"{path} is not a readable parquet file: {e}") from None
+    n = 0
+    for batch in reader.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            n += 1
+            size = sum(len(v) for v in row.values() if isinstance(v, str))
+            yield RawRecord(path, n, "row", row, size)
+
+
+def parse_record(raw: RawRecord, keys: Sequence[str]) -> dict:
+    """The record as a dict holding string values for every key of `keys`. Plain text records
+    become ``{key: text}`` for the first key."""
+    if raw.kind == "text":
+        return {keys[0]: raw.payload}
+    if raw.kind == "json":
+        try:
+            record = json.loads(raw.payload)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RecordError("malformed", f"{raw.source}:{raw.line}: not valid JSON ({e})") from None
+        if not isinstance(record, dict):
+            raise RecordError("malformed", f"{raw.source}:{raw.line}: a JSON {type(record).__name__}, "
+                                           f"not an object")
+    else:
+        record = raw.payload
+    for key in keys:
+        if key not in record:
+            raise RecordError("missing_key", f"{raw.source}:{raw.line}: no key {key!r} (keys: "
+                                             f"{', '.join(map(str, list(record)[:8]))}); choose with --json-keys")
+        if not isinstance(record[key], str):
+            raise RecordError("malformed", f"{raw.source}:{raw.line}: {key!r} is a "
+                                           f"{type(record[key]).__name__}, not a string")
+    return record
+
+
+def iter_texts(paths: Sequence[str], key: str = "text", text_sample_by: str = "paragraph") -> Iterator[str]:
+    """The text under `key` of every usable record (malformed ones are skipped; a missing key
+    is an error)."""
+    for raw in iter_raw(paths, text_sample_by):
+        try:
+            yield parse_record(raw, [key])[key]
+        except RecordError as e:
+            if e.kind == "missing_key":
+                raise DataError(str(e)) from None

