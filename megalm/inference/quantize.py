@@ -1,0 +1,337 @@
+"""Weight-only quantization of the transformer's linear layers: INT8, INT4 and GPTQ INT4.
+
+Methods (the embedding, the output layer and the norms stay in full precision):
+
+- ``int8``: per output channel, symmetric absmax: scale = max|w_row| / 127, q = round(w / scale)
+  in [-127, 127], stored int8.
+- ``int4``: round to nearest in groups of `group_size` (128) consecutive input features per output
+  row (a layer with fewer input features has one group per row). Asymmetric by default: the
+  group's range [min(w, 0), max(w, 0)] maps onto 0..15 with scale = (max - min) / 15 and an
+  integer zero point z = round(-min / scale), w ~ (q - z) * scale (the error is at most half a
+  step inside the range and one step at its ends, where the rounded zero point shifts the grid).
+  Symmetric (``symmetric=True``): scale = max|w| / 7 and z = 8, so q - 8 spans [-7, 7] (no clipping;
+  the code 0 = -8 stays unused). Two 4-bit codes share a byte: the even input feature in the low
+  nibble, the odd one in the high nibble.
+- ``gptq-int4``: the same storage, with the codes chosen by GPTQ (Frantar et al., 2022): for a
+  linear layer with calibration inputs X, it minimises ||W X - Q X||^2 one input column at a time,
+  moving each column's rounding error onto the columns not yet quantized through the inverse of
+  H = 2 X X^T (1% of its mean diagonal added as damping), by Cholesky factors, in blocks of 128
+  columns with a lazy update of the rest. Each group's scale and zero point are set from the
+  (already error-corrected) weights when quantization reaches its first column. With ``act_order``
+  the columns are visited by decreasing H diagonal and the grids come from the original weights
+  ("static groups"), so the stored layout is the same. Layers are quantized in order, each one
+  calibrated on the outputs of the layers already quantized.
+
+Scales are stored fp16 and the zero points uint8 (one byte per group). `QuantizedLinear` replaces
+each linear: it dequantizes its weight and calls `F.linear` (a reference path, no fused kernel).
+`save_quantized` / `load_quantized` keep such a model in a directory: model.safetensors,
+quantization.json (method and model config) and tokenizer/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from megalm.config import Config
+from megalm.parallel.tensor import ColumnParallelLinear, RowParallelLinear
+
+METHODS = ("int8", "int4", "gptq-int4")
+QUANTIZATION_FILE = "quantization.json"
+FORMAT_VERSION = 1
+
+
+# ---- grids, packing ---------------------------------------------------------------------------
+
+def _grid(w: Tensor, bits: int, symmetric: bool):
+    """Scale and integer zero point per row of w [out, k] -> ([out] fp32 scale, [out] fp32 zero).
+    The scale is rounded to fp16 first, so that the codes are chosen for the scale that is stored."""
+    maxq = 2 ** bits - 1
+    if symmetric:
+        scale = w.abs().amax(dim=1) / (maxq // 2)
+        zero = torch.full_like(scale, (maxq + 1) // 2) if bits < 8 else torch.zeros_like(scale)
+    else:
+        low, high = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
+        scale = (high - low) / maxq
+        zero = torch.round(-low / scale.clamp(min=torch.finfo(torch.float16).tiny))
+    scale = scale.clamp(min=torch.finfo(torch.float16).tiny).half().float()
+    return scale, zero
+
+
+def _codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """w [out, k] with per-row scale / zero [out] (or broadcastable) -> integer codes (fp32)."""
+    if bits == 8:
+        return torch.clamp(torch.round(w / scale[:, None]), -127, 127)
+    return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 2 ** bits - 1)
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """[out, in] codes 0..15 -> [out, in / 2] uint8 (even feature in the low nibble)."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """[out, in / 2] uint8 -> [out, in] uint8 codes."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+# ---- the module -------------------------------------------------------------------------------
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W kept as int8 (per channel) or packed int4 (per group) codes."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
+                 device=None):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = in_features if bits == 8 else min(group_size, in_features)
+        if in_features % self.group_size or (bits == 4 and in_features % 2):
+            raise ValueError(f"in_features {in_features} is not a multiple of the group size {self.group_size}")
+        groups = in_features // self.group_size
+        if bits == 8:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
+                                                        device=device))
+            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    def set_codes(self, codes: Tensor, scales: Tensor, zeros: Optional[Tensor]) -> None:
+        """codes [out, in] integers; scales / zeros [out, groups]."""
+        if self.bits == 8:
+            self.qweight.copy_(codes.to(torch.int8))
+        else:
+            self.qweight.copy_(pack_int4(codes))
+            self.zeros.copy_(zeros.to(torch.uint8))
+        self.scales.copy_(scales.half())
+
+    def dequantize(self) -> Tensor:
+        """The weight [out, in], fp32."""
+        scales = self.scales.float().repeat_interleave(self.group_size, dim=1)
+        if self.bits == 8:
+            return self.qweight.float() * scales
+        zeros = self.zeros.float().repeat_interleave(self.group_size, dim=1)
+        return (unpack_int4(self.qweight).float() - zeros) * scales
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+# ---- round to nearest and GPTQ for one weight --------------------------------------------------
+
+def quantize_rtn(w: Tensor, bits: int, group_size: int, symmetric: bool):
+    """Round to nearest -> (codes [out, in], scales [out, groups], zeros [out, groups])."""
+    out, n = w.shape
+    g = n if bits == 8 else min(group_size, n)
+    groups = w.float().reshape(out * n // g, g)
+    scale, zero = _grid(groups, bits, symmetric or bits == 8)
+    codes = _codes(groups, scale, zero, bits).reshape(out, n)
+    return codes, scale.reshape(out, n // g), zero.reshape(out, n // g)
+
+
+def quantize_gptq(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False,
+                  act_order: bool = False, block_size: int = 128, damp: float = 0.01):
+    """GPTQ codes for w [out, in] given H = sum of x x^T over calibration inputs [in, in].
+    Returns the same triple as `quantize_rtn`."""
+    W = w.float().clone()
+    H = hessian.float().clone()
+    out, n = W.shape
+    g = n if bits == 8 else min(group_size, n)
+    symmetric = symmetric or bits == 8
+    if g % block_size and block_size % g:
+        block_size = g
+    dead = H.diagonal() == 0  # inputs that are always zero: any value works, use 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    scales = torch.zeros(out, n // g)
+    zeros = torch.zeros(out, n // g)
+    perm = torch.arange(n)
+    if act_order:
+        for j in range(n // g):
+            scales[:, j], zeros[:, j] = _grid(W[:, j * g:(j + 1) * g], bits, symmetric)
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    H.diagonal().add_(damp * H.diagonal().mean())
+    # Upper Cholesky factor of H^-1: row i holds the error-propagation weights of column i.
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros(out, n)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        errors = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            column = perm[i1 + i].item()
+            group = column // g
+            if not act_order and column % g == 0:
+                # The group's grid from the weights as corrected so far (at a block start the rest
+                # of W is up to date too).
+                span = torch.cat((W1[:, i:i + g], W[:, i2:i1 + i + g]), dim=1)
+                scales[:, group], zeros[:, group] = _grid(span, bits, symmetric)
+            q = _codes(W1[:, i:i + 1], scales[:, group], zeros[:, group], bits)[:, 0]
+            codes[:, column] = q
+            dequantized = (q - zeros[:, group]) * scales[:, group] if bits < 8 else q * scales[:, group]
+            err = (W1[:, i] - dequantized) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            errors[:, i] = err
+        W[:, i2:] -= errors @ Hinv[i1:i2, i2:]
+    return codes, scales, zeros
+
+
+# ---- whole models ------------------------------------------------------------------------------
+
+_LINEARS = (ColumnParallelLinear, RowParallelLinear, nn.Linear)
+
+
+def _linears(module: nn.Module):
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, _LINEARS)]
+
+
+def _replace(root: nn.Module, name: str, linear: nn.Module, bits: int, group_size: int, codes, scales, zeros):
+    weight = linear.weight
+    q = QuantizedLinear(weight.shape[1], weight.shape[0], bits, group_size, linear.bias is not None,
+                        device=weight.device)
+    q.set_codes(codes.to(weight.device), scales.to(weight.device), zeros.to(weight.device) if bits == 4 else None)
+    if linear.bias is not None:
+        q.bias.data.copy_(linear.bias.detach().float())
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, q)
+
+
+def _bits(method: str) -> int:
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
+    return 8 if method == "int8" else 4
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, method: str, calibration: Optional[Iterable[Tensor]] = None,
+                   group_size: int = 128, symmetric: bool = False, act_order: bool = False,
+                   damp: float = 0.01, block_size: int = 128) -> nn.Module:
+    """Replace the linears of `model.layers` by `QuantizedLinear`s, in place; returns the model.
+
+    gptq-int4 needs `calibration`: token batches [b, s] run through the model.
+    """
+    bits = _bits(method)
+    model.eval()
+    if method != "gptq-int4":
+        for layer in model.layers:
+            for name, linear in _linears(layer):
+                _replace(layer, name, linear, bits, group_size,
+                         *quantize_rtn(linear.weight.detach(), bits, group_size, symmetric))
+        return model
+    if calibration is None:
+        raise ValueError("gptq-int4 needs calibration token batches")
+
+    # The inputs of the first layer, for every calibration batch (the forward stops there).
+    captured = []
+
+    def catch(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for tokens in calibration:
+            try:
+                model.hidden_states(tokens.to(next(model.parameters()).device))
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError("gptq-int4 needs at least one calibration batch")
+
+    for layer in model.layers:
+        linears = _linears(layer)
+        hessians = {name: torch.zeros(m.weight.shape[1], m.weight.shape[1], device=m.weight.device)
+                    for name, m in linears}
+
+        def accumulate(name):
+            def hook(module, inputs, output):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()  # [tokens, in]
+                hessians[name] += 2.0 * x.t() @ x
+            return hook
+
+        handles = [m.register_forward_hook(accumulate(name)) for name, m in linears]
+        for args, kwargs in captured:
+            layer(*args, **kwargs)
+        for h in handles:
+            h.remove()
+        for name, linear in linears:
+            codes, scales, zeros = quantize_gptq(linear.weight.detach().cpu(), hessians[name].cpu(), bits,
+                                                 group_size, symmetric, act_order, block_size, damp)
+            _replace(layer, name, linear, bits, group_size, codes, scales, zeros)
+        captured = [((layer(*args, **kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in captured]
+    return model
+
+
+def model_bytes(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Bytes of every parameter and persistent buffer (optionally without embedding / output layer)."""
+    total = 0
+    for name, t in model.state_dict().items():
+        if exclude_embeddings and name.split(".")[0] in ("embedding", "position_embeddings", "output_layer"):
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+# ---- save / load -------------------------------------------------------------------------------
+
+def save_quantized(path: str, model: nn.Module, config: Config, settings: dict, vocab_size: int,
+                   tokenizer_dir: Optional[str] = None) -> str:
+    """Write a quantized model to the directory `path` (created; must not hold one already)."""
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "megalm-quantized"})
+    config_dict = config.to_dict()
+    if tokenizer_dir and os.path.isdir(tokenizer_dir):
+        shutil.copytree(tokenizer_dir, os.path.join(path, "tokenizer"), dirs_exist_ok=True)
+        config_dict["data"]["tokenizer_model"] = os.path.abspath(os.path.join(path, "tokenizer"))
+    with open(os.path.join(path, QUANTIZATION_FILE), "w") as f:
+        json.dump({"format_version": FORMAT_VERSION, "quantization": settings, "vocab_size": vocab_size,
+                   "config": config_dict}, f, indent=1)
+    return path
+
+
+def load_quantized(path: str):
+    """-> megalm.inference.loading.LoadedModel (on CPU, fp32 activations)."""
+    from megalm.convert.megalm_checkpoint import build_tokenizer, checkpoint_config
+    from megalm.inference.loading import LoadedModel
+    from megalm.model import GPTModel
+    with open(os.path.join(path, QUANTIZATION_FILE)) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}/{QUANTIZATION_FILE} has format version {meta.get('format_version')}; "
+                         f"this megalm reads {FORMAT_VERSION}")
+    config = checkpoint_config({"metadata": meta, "path": path})
+    settings = meta["quantization"]
+    bits = _bits(settings["method"])
+    model = GPTModel(config.model)
+    for layer in model.layers:
+        for name, linear in _linears(layer):
+            q = QuantizedLinear(linear.weight.shape[1], linear.weight.shape[0], bits, settings["group_size"],
+                                linear.bias is not None)
+            parent_name, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent_name) if parent_name else layer, child, q)
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    return LoadedModel(model, config, build_tokenizer(config), meta["vocab_size"], path)

@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Convert checkpoints between Hugging Face transformers and megalm.
+
+    python tools/convert_checkpoint.py --loader hf --saver megalm --load-dir Llama-3.2-1B --save-dir ckpt
+    python tools/convert_checkpoint.py --loader megalm --saver hf --load-dir ckpt --save-dir hf_out
+
+Supported: LlamaForCausalLM (Llama 2 and 3, grouped-query attention, Llama 3 rope scaling),
+MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel. A megalm checkpoint written here holds the
+weights only: train from it with `pretrain_gpt.py --load ckpt --finetune`. The Hugging Face
+directory written here loads with `AutoModelForCausalLM.from_pretrained` (and its tokenizer with
+`AutoTokenizer.from_pretrained`). See docs/INTEROP.md.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megalm.convert import ARCHITECTURES, ConversionError, hf_to_megalm, megalm_to_hf  # noqa: E402
+from megalm.data.errors import DataError  # noqa: E402
+from megalm.training.checkpoint import CheckpointError  # noqa: E402
+
+FORMATS = ("hf", "megalm")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--loader", required=True, choices=FORMATS, help="Format of --load-dir.")
+    parser.add_argument("--saver", required=True, choices=FORMATS, help="Format to write to --save-dir.")
+    parser.add_argument("--load-dir", required=True, help="Checkpoint to read (megalm: the --save root or an "
+                                                          "iter_XXXXXXX directory).")
+    parser.add_argument("--save-dir", required=True, help="Directory to write; must not exist (see --force).")
+    parser.add_argument("--target-tensor-parallel-size", type=int, default=1,
+                        help="Tensor-parallel size of the megalm checkpoint written (only 1 for now).")
+    parser.add_argument("--target-pipeline-parallel-size", type=int, default=1,
+                        help="Pipeline-parallel size of the megalm checkpoint written (only 1 for now).")
+    parser.add_argument("--force", action="store_true", help="Write into --save-dir even if it exists.")
+    parser.add_argument("--max-shard-size", default="5GB", help="hf saver: largest safetensors shard.")
+    parser.add_argument("--hf-architecture", choices=sorted(ARCHITECTURES),
+                        help="hf saver: the model type to write (default: the one the checkpoint was imported "
+                             "from, else the first that fits the model).")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        parallel = dict(tensor_parallel=args.target_tensor_parallel_size,
+                        pipeline_parallel=args.target_pipeline_parallel_size)
+        if args.loader == args.saver:
+            raise ConversionError(f"--loader and --saver are both {args.loader}: nothing to convert")
+        if args.loader == "hf":
+            hf_to_megalm(args.load_dir, args.save_dir, force=args.force, **parallel)
+        else:
+            megalm_to_hf(args.load_dir, args.save_dir, force=args.force, architecture=args.hf_architecture,
+                         max_shard_size=args.max_shard_size, **parallel)
+    except (ConversionError, CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
