@@ -1,0 +1,220 @@
+"""Optimizers over a model-parallel rank's parameters, with or without ZeRO-1 sharding.
+
+`LocalOptimizer`: every rank updates all the parameters it holds (its tensor/pipeline shard of the
+model) with an ordinary AdamW or Lion, after the data-parallel all-reduce of the gradients.
+
+`DistributedOptimizer` (`--use-distributed-optimizer`, ZeRO stage 1; Rajbhandari et al. 2020):
+the optimizer state is split across the data-parallel ranks. The gradient buckets of
+`DistributedDataParallel` are reduce-scattered, so rank r holds the averaged gradient of the r-th
+contiguous 1/DP of every bucket; it updates the matching slice of the parameters (the pieces of
+the parameters that overlap its range, as 1-D views of the flat parameter buffer) with its own
+AdamW, whose moments therefore exist for 1/DP of the model only; then the buckets' parameters are
+all-gathered. Parameters stay fp32 (mixed precision is autocast), so the optimizer's memory per
+rank is 4 (weights) + 4 (gradients) + 8 / DP (moments) bytes per parameter instead of 16. The
+gradient buffer stays full-size: the backward pass accumulates into it (ZeRO-2 would free the
+non-owned part; it is not implemented).
+
+Both save and load their state keyed by parameter name, with each parameter's state whole (the
+distributed optimizer gathers its shards over the data-parallel group first), so a checkpoint does
+not depend on the data-parallel size or on whether the optimizer was distributed, and the resharder
+can split it like the weights. Checkpoints of earlier versions, keyed by position, still load.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megalm.config import OptimConfig
+from megalm.parallel.clip_grads import counts_for_norm
+from megalm.parallel.data_parallel import DistributedDataParallel
+from megalm.parallel.state import ParallelState
+from megalm.training.optimizer import Lion, build_optimizer
+
+
+def param_names(modules: List[nn.Module]) -> Dict[nn.Parameter, str]:
+    """Parameter -> its name in the full model (pipeline chunks number their layers globally)."""
+    return {p: name for m in modules for name, p in m.named_parameters()}
+
+
+def _hyperparameters(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def state_dict_by_name(optimizer: torch.optim.Optimizer, names: Dict[nn.Parameter, str]) -> dict:
+    """torch's optimizer state dict with parameter names in place of positions."""
+    order = [names[p] for g in optimizer.param_groups for p in g["params"]]
+    sd = optimizer.state_dict()
+    return {"state": {order[i]: s for i, s in sd["state"].items()},
+            "param_groups": [dict(_hyperparameters(g), params=[order[i] for i in g["params"]])
+                             for g in sd["param_groups"]]}
+
+
+def _is_legacy(saved: dict) -> bool:
+    return any(isinstance(i, int) for g in saved["param_groups"] for i in g["params"])
+
+
+def _check_groups(saved: dict, num_groups: int) -> None:
+    if len(saved["param_groups"]) != num_groups:
+        raise ValueError(f"the saved optimizer state has {len(saved['param_groups'])} parameter groups, "
+                         f"this optimizer {num_groups}")
+
+
+def load_state_dict_by_name(optimizer: torch.optim.Optimizer, saved: dict, names: Dict[nn.Parameter, str]) -> None:
+    if _is_legacy(saved):  # positions: the same model, the same order
+        optimizer.load_state_dict(saved)
+        return
+    _check_groups(saved, len(optimizer.param_groups))
+    order = [names[p] for g in optimizer.param_groups for p in g["params"]]
+    missing = [n for n in order if n not in saved["state"]] if saved["state"] else []
+    if missing:
+        raise ValueError(f"the saved optimizer state has no entry for {missing[:3]}")
+    index = {n: i for i, n in enumerate(order)}
+    groups, start = [], 0
+    for g, s in zip(optimizer.param_groups, saved["param_groups"]):
+        groups.append(dict(_hyperparameters(s), params=list(range(start, start + len(g["params"])))))
+        start += len(g["params"])
+    optimizer.load_state_dict({"state": {index[n]: s for n, s in saved["state"].items() if n in index},
+                               "param_groups": groups})
+
+
+class LocalOptimizer:
+    """AdamW / Lion over every parameter this rank holds."""
+
+    def __init__(self, chunks: List[nn.Module], config: OptimConfig, state: ParallelState):
+        self.state = state
+        self.optimizer = build_optimizer(nn.ModuleList(chunks), config, state.device)
+        self.names = param_names(chunks)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.norm_group = state.model_parallel_group if state.model_parallel else None
+        if state.expert_model_parallel_size > 1:  # MoE runs without tensor / pipeline parallelism
+            self.norm_group = state.expert_model_parallel_group
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def grads_for_clipping(self):
+        """(every gradient, those counted in the global norm)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        counted = [p.grad for p in self.params if p.grad is not None and counts_for_norm(p, self.state)]
+        return grads, counted
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def state_dict(self) -> dict:
+        return state_dict_by_name(self.optimizer, self.names)
+
+    def load_state_dict(self, saved: dict) -> None:
+        load_state_dict_by_name(self.optimizer, saved, self.names)
+
+
+class DistributedOptimizer:
+    """ZeRO-1: this data-parallel rank's shard of every bucket, updated by an inner AdamW / Lion."""
+
+    def __init__(self, ddps: List[DistributedDataParallel], config: OptimConfig, state: ParallelState):
+        self.state, self.ddps = state, ddps
+        self.names = param_names([d.module for d in ddps])
+        self.pieces = []  # (piece parameter, full parameter, start, end, bucket)
+        decay, no_decay = [], []
+        for ddp in ddps:
+            for bucket in ddp.buckets:
+                for p, start, end in bucket.shard_pieces():
+                    piece = nn.Parameter(bucket.param_piece(p, start, end))
+                    piece.grad = bucket.grad_piece(p, start, end)
+                    self.pieces.append((piece, p, start, end, bucket))
+                    (no_decay if p.ndim < 2 else decay).append(piece)
+        groups = [dict(params=decay, weight_decay=config.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        if config.optimizer == "lion":
+            self.optimizer = Lion(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
+        else:
+            fused = state.device.type == "cuda"
+            self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                               eps=config.adam_eps, fused=fused, foreach=None if fused else True)
+        self.norm_group = dist.group.WORLD if state.distributed else None
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def grads_for_clipping(self):
+        grads = [piece.grad for piece, *_ in self.pieces]
+        counted = [piece.grad for piece, p, *_ in self.pieces if counts_for_norm(p, self.state)]
+        return grads, counted
+
+    def step(self) -> None:
+        self.optimizer.step()
+        for ddp in self.ddps:
+            ddp.gather_params()
+
+    # -- checkpoints: whole per-parameter state, gathered over the data-parallel group
+
+    def state_dict(self) -> dict:
+        inner = self.optimizer.state
+        keys = sorted({k for s in inner.values() for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0})
+        step = next((s["step"] for s in inner.values() if "step" in s), None)
+        state: Dict[str, dict] = {}
+        for ddp in self.ddps:
+            for bucket in ddp.buckets:
+                for key in keys:
+                    full = torch.zeros_like(bucket.grad)
+                    for piece, p, start, end, b in self.pieces:
+                        if b is bucket and piece in inner:
+                            offset = bucket.ranges[p][0]
+                            full[offset + start: offset + end] = inner[piece][key]
+                    if ddp.world_size > 1:
+                        dist.all_reduce(full, group=ddp.group)  # every element has one owner
+                    for p in bucket.params:
+                        begin, finish = bucket.ranges[p]
+                        state.setdefault(self.names[p], {})[key] = full[begin:finish].view_as(p).cpu()
+        if step is not None:
+            for s in state.values():
+                s["step"] = step.detach().clone().cpu()
+        params = [p for ddp in self.ddps for bucket in ddp.buckets for p in bucket.params]
+        named_groups = [[self.names[p] for p in params if p.ndim >= 2], [self.names[p] for p in params if p.ndim < 2]]
+        return {"state": state,
+                "param_groups": [dict(_hyperparameters(g), params=n)
+                                 for g, n in zip(self.optimizer.param_groups, named_groups)]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        if _is_legacy(saved):
+            saved = _legacy_to_named(saved, self.ddps)
+        _check_groups(saved, len(self.optimizer.param_groups))
+        order = [piece for g in self.optimizer.param_groups for piece in g["params"]]
+        where = {piece: (p, start, end) for piece, p, start, end, _ in self.pieces}
+        state = {}
+        for i, piece in enumerate(order):
+            p, start, end = where[piece]
+            entry = saved["state"].get(self.names[p])
+            if entry is None:
+                if saved["state"]:
+                    raise ValueError(f"the saved optimizer state has no entry for {self.names[p]}")
+                continue
+            state[i] = {k: (v.reshape(-1)[start:end] if torch.is_tensor(v) and v.dim() > 0 else v)
+                        for k, v in entry.items()}
+        groups, start = [], 0
+        for g, s in zip(self.optimizer.param_groups, saved["param_groups"]):
+            groups.append(dict(_hyperparameters(s), params=list(range(start, start + len(g["params"])))))
+            start += len(g["params"])
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _legacy_to_named(saved: dict, ddps: List[DistributedDataParallel]) -> dict:
+    """A position-keyed state (written by a single-process run) to names: positions follow
+    `megalm.training.optimizer.param_groups` over the model (decay group, then no-decay)."""
+    modules = [d.module for d in ddps]
+    names = param_names(modules)
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    order = [names[p] for p in params if p.ndim >= 2] + [names[p] for p in params if p.ndim < 2]
+    return {"state": {order[i]: s for i, s in saved["state"].items()},
+            "param_groups": [dict(_hyperparameters(g), params=[order[i] for i in g["params"]])
+                             for g in saved["param_groups"]]}
+
+
+def build_parallel_optimizer(chunks: List[nn.Module], ddps: List[DistributedDataParallel], config: OptimConfig,
+                             state: ParallelState, distributed: bool):
+    return DistributedOptimizer(ddps, config, state) if distributed else LocalOptimizer(chunks, config, state)

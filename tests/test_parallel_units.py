@@ -1,0 +1,132 @@
+"""Model parallelism without processes: rank order, shards, stage contents, flag checks, recompute,
+and the planner's formulas."""
+
+import io
+import os
+import sys
+
+import pytest
+import torch
+
+from megalm.arguments import parse_args
+from megalm.config import ConfigError, ModelConfig, ParallelConfig
+from megalm.model import GPTModel
+from megalm.parallel.state import ParallelState, data_parallel_size_for, group_ranks
+from megalm.parallel.tensor import merge_shards, shard
+from tests.helpers import tiny_config
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+
+
+def test_rank_order_keeps_tensor_parallel_ranks_adjacent():
+    groups = group_ranks(tp=2, dp=2, pp=2)
+    assert groups["tensor_model_parallel_group"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups["data_parallel_group"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups["pipeline_model_parallel_group"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert groups["embedding_group"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    state = ParallelState(rank=6, world_size=8, tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    assert (state.tensor_model_parallel_rank, state.data_parallel_rank, state.pipeline_model_parallel_rank) == (0, 1, 1)
+
+
+def test_interleaved_stages_take_every_pp_th_piece():
+    layers = {(p, v): list(ParallelState.for_layout(1, 2, 2, 0, p).stage_layers(8, v)) for p in (0, 1) for v in (0, 1)}
+    assert layers == {(0, 0): [0, 1], (1, 0): [2, 3], (0, 1): [4, 5], (1, 1): [6, 7]}
+
+
+def test_stacked_shards_hold_a_slice_of_each_block():
+    full = torch.arange(8.0).view(8, 1)  # [gate 0..3; up 4..7]
+    shards = [shard(full, 0, r, 2, stacked=2) for r in range(2)]
+    assert shards[0].flatten().tolist() == [0, 1, 4, 5]
+    assert torch.equal(merge_shards(shards, 0, stacked=2), full)
+
+
+def _model(config: ModelConfig, state: ParallelState, virtual_stage: int = 0) -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(config, state, virtual_stage)
+
+
+def test_tensor_and_pipeline_parallel_models_hold_slices_of_the_full_model():
+    config = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, swiglu=True,
+                         position_embedding_type="rope", padded_vocab_size=256, seq_length=16)
+    full = _model(config, ParallelState()).state_dict()
+    for tp_rank in range(2):
+        for pp_rank in range(2):
+            part = _model(config, ParallelState.for_layout(2, 2, 1, tp_rank, pp_rank))
+            names = part.state_dict().keys()
+            assert ("embedding.weight" in names) == (pp_rank == 0)
+            assert ("layers.2.self_attention.linear_qkv.weight" in names) == (pp_rank == 1)
+            for name, p in part.named_parameters():
+                source = "embedding.weight" if name == "output_layer.weight" else name  # the tied copy
+                expected = full[source]
+                if hasattr(p, "partition_dim"):
+                    expected = shard(expected, p.partition_dim, tp_rank, 2, p.partition_stacked)
+                assert torch.equal(p.detach(), expected), name
+
+
+def test_parallel_flags_are_checked_against_the_model():
+    with pytest.raises(ConfigError, match=r"--num-query-groups \(2\) must be divisible by --tensor-model-parallel-size"):
+        tiny_config("--train-iters", "1", "--num-query-groups", "2", "--tensor-model-parallel-size", "4")
+    with pytest.raises(ConfigError, match="--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel"):
+        tiny_config("--train-iters", "1", "--num-layers-per-virtual-pipeline-stage", "1")
+    with pytest.raises(ConfigError, match="multiple of --pipeline-model-parallel-size"):
+        tiny_config("--train-iters", "1", "--num-layers", "4", "--pipeline-model-parallel-size", "2",
+                    "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "3", "--micro-batch-size", "1")
+    with pytest.raises(ConfigError, match=r"world size \(6 processes\) must be divisible"):
+        data_parallel_size_for(ParallelConfig(tensor_model_parallel_size=4), 6)
+
+
+def _saved_bytes(trainer, batch):
+    from megalm.training.trainer import split_batch
+    params = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    tokens, labels = split_batch(batch, trainer.state.device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.model(tokens, labels).backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("granularity", ["full", "selective"])
+def test_recompute_changes_memory_not_results(granularity):
+    import pretrain_gpt
+    from megalm.training.trainer import Trainer, build_data_iterator
+
+    def run(*flags):
+        config = tiny_config("--train-iters", "4", "--num-layers", "4", "--hidden-dropout", "0.1",
+                             "--attention-dropout", "0.1", *flags)
+        trainer = Trainer(config, pretrain_gpt.model_provider, pretrain_gpt.datasets_provider, log_stream=io.StringIO())
+        data = build_data_iterator(trainer.datasets[0], 0, config, trainer.state)
+        steps = [trainer.train_step(data)[:2] for _ in range(3)]
+        memory = _saved_bytes(trainer, next(data))
+        trainer.close()
+        return [(loss.item(), norm) for loss, norm in steps], memory
+
+    plain, plain_memory = run()
+    recomputed, memory = run("--recompute-granularity", granularity, "--recompute-num-layers", "2")
+    assert recomputed == pytest.approx(plain, rel=1e-6)
+    assert memory < plain_memory if granularity == "full" else memory <= plain_memory
+
+
+def test_planner_formulas():
+    from parallel_plan import Cluster, activation_bytes_per_layer, estimate
+    flags = ["--num-layers", "16", "--hidden-size", "2048", "--num-attention-heads", "32", "--seq-length", "4096",
+             "--micro-batch-size", "1", "--global-batch-size", "64", "--bf16", "--attention-dropout", "0.1"]
+    config, _ = parse_args(flags + ["--tensor-model-parallel-size", "4"])
+    # Korthikanti et al. 2022, eq. 2 (no flash attention, GELU MLP of 4h, 16-bit): sbh (10 + 24/t + 5as/(ht)).
+    s, b, h, a, t = 4096, 1, 2048, 32, 4
+    assert activation_bytes_per_layer(config, 1, 2, flash=False) == pytest.approx(
+        s * b * h * (10 + 24 / t + 5 * a * s / (h * t)), rel=1e-9)
+    config.parallel.sequence_parallel = True  # eq. 4: everything split by t
+    assert activation_bytes_per_layer(config, 1, 2, flash=False) == pytest.approx(
+        s * b * h / t * (34 + 5 * a * s / h), rel=1e-9)
+    config, _ = parse_args(flags + ["--pipeline-model-parallel-size", "4", "--num-layers-per-virtual-pipeline-stage",
+                                    "2", "--use-distributed-optimizer"])
+    plan = estimate(config, Cluster(world_size=16), 50257)
+    assert plan["dp"] == 4 and plan["num_microbatches"] == 16
+    assert plan["bubble"] == pytest.approx(3 / (2 * 16))
+    assert plan["optimizer"] == pytest.approx(2 * plan["weights"] / 4)  # 8 bytes / DP against 4

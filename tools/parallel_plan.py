@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""Plan a parallel layout before booking a cluster: memory per GPU, pipeline bubble, communication.
+
+    python tools/parallel_plan.py --num-layers 16 --hidden-size 2048 --num-attention-heads 32 \\
+        --num-query-groups 8 --swiglu --seq-length 4096 --vocab-size 128256 --bf16 \\
+        --micro-batch-size 1 --global-batch-size 256 --world-size 8 \\
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --use-distributed-optimizer
+
+    python tools/parallel_plan.py ... --world-size 64 --search     # every layout that fits, ranked
+
+Takes the training flags of pretrain_gpt.py (the same parser) plus the cluster's shape. The
+formulas, documented in docs/PARALLELISM.md, follow megalm's own memory layout:
+
+- weights 4 bytes per parameter (fp32; bf16 / fp16 run under autocast), gradients 4, AdamW moments
+  8 (Lion 4), the moments divided by DP with --use-distributed-optimizer;
+- activations per layer and micro-batch from Korthikanti et al. 2022 ("Reducing Activation
+  Recomputation in Large Transformer Models"), generalised to grouped-query attention, SwiGLU,
+  fp32 activations and flash attention (no s^2 terms), split by TP inside the tensor-parallel
+  regions and everywhere with sequence parallelism; selective recompute drops the attention core,
+  full recompute keeps only each layer's input (plus one layer recomputed at a time);
+- the first pipeline stage holds the activations of min(PP, M) micro-batches (1F1B), times
+  1 + (PP - 1) / (PP x VP) with the interleaved schedule; bubble (PP - 1) / (VP x M);
+- communication per step and GPU from ring collectives: an all-reduce moves 2 (n - 1) / n of the
+  buffer per rank, an all-gather or reduce-scatter (n - 1) / n.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megalm.arguments import parse_args  # noqa: E402
+from megalm.config import Config, ConfigError, pad_vocab_size  # noqa: E402
+
+GB = 2 ** 30
+
+
+@dataclass
+class Cluster:
+    world_size: int = 8
+    gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0
+    intra_node_gb_per_s: float = 300.0  # per GPU, one direction (NVLink 4 on H100: ~450)
+    inter_node_gb_per_s: float = 25.0  # per GPU (a 200 Gb/s NIC per GPU)
+
+
+def layer_parameters(c: Config) -> dict:
+    """Parameters of one transformer layer: sharded by TP, and replicated (norms, row biases)."""
+    m = c.model
+    d, nq, g, h, f = m.head_dim, m.num_attention_heads, m.query_groups, m.hidden_size, m.ffn_size
+    bias = m.add_bias_linear
+    sharded = h * (nq + 2 * g) * d + nq * d * h + h * f * (3 if m.swiglu else 2)
+    sharded += ((nq + 2 * g) * d if bias or m.add_qkv_bias else 0) + ((2 * f if m.swiglu else f) if bias else 0)
+    norms = 2 * h * (2 if m.normalization == "LayerNorm" else 1)
+    replicated = norms + (2 * h if bias else 0)
+    return {"sharded": sharded, "replicated": replicated}
+
+
+def stage_parameters(c: Config, vocab: int, first: bool, last: bool) -> float:
+    """Parameters held by one GPU of a pipeline stage (its TP shard)."""
+    m, p = c.model, c.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    per_layer = layer_parameters(c)
+    n = m.num_layers / pp * (per_layer["sharded"] / tp + per_layer["replicated"])
+    embedding = vocab * m.hidden_size / tp
+    if first:
+        n += embedding + (m.max_positions * m.hidden_size if m.position_embedding_type == "learned_absolute" else 0)
+    if last:
+        n += m.hidden_size * (2 if m.normalization == "LayerNorm" else 1)
+        if m.untie_embeddings_and_output_weights or (pp > 1 and not first):
+            n += embedding
+    return n
+
+
+def activation_bytes_per_layer(c: Config, micro_batch_size: int, act_bytes: int, flash: bool = True) -> float:
+    """Bytes one layer keeps for the backward pass of one micro-batch (Korthikanti et al. 2022, Sec. 4)."""
+    m, p = c.model, c.parallel
+    s, b, h, f = m.seq_length, micro_batch_size, m.hidden_size, m.ffn_size
+    d, nq, g = m.head_dim, m.num_attention_heads, m.query_groups
+    tp = p.tensor_model_parallel_size
+    sp = p.sequence_parallel and tp > 1
+    mask = 1 if m.hidden_dropout > 0 else 0
+    attn_mask = 1 if m.attention_dropout > 0 else 0
+    sbh = s * b * h
+    # Replicated along TP without SP: the two norms' inputs, the inputs of qkv and fc1, two dropout masks.
+    replicated = sbh * (4 * act_bytes + 2 * mask)
+    # Inside the TP regions (split by TP): q, k, v; the proj input; the MLP's inner activations.
+    qkv = s * b * (nq + 2 * g) * d * act_bytes
+    if m.position_embedding_type == "rope":  # the rotated q and k are new tensors
+        qkv += s * b * (nq + g) * d * act_bytes
+    proj_in = s * b * nq * d * act_bytes
+    mlp_inner = s * b * f * act_bytes * (3 if m.swiglu else 2)
+    core = 0.0  # the attention core: s^2 terms unless flash attention, which keeps its logsumexp
+    if flash:
+        core = 4 * s * b * nq
+    else:
+        # softmax output; with dropout also its mask (1 byte) and output
+        core = nq * s * s * b * (act_bytes + (1 + act_bytes if attn_mask else 0))
+    if p.recompute_granularity == "selective":
+        core = 0.0
+    split = qkv + proj_in + mlp_inner + core
+    if p.recompute_granularity == "full":
+        return sbh * act_bytes / (tp if sp else 1)
+    return replicated / (tp if sp else 1) + split / tp
+
+
+def estimate(c: Config, cluster: Cluster, vocab: int) -> dict:
+    """Memory per GPU (worst stage: the first), bubble and communication per step."""
+    m, p, t, o = c.model, c.parallel, c.train, c.optim
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if cluster.world_size % (tp * pp):
+        raise ConfigError(f"--world-size {cluster.world_size} is not divisible by TP x PP = {tp * pp}")
+    dp = cluster.world_size // (tp * pp)
+    vp = c.virtual_pipeline_model_parallel_size
+    gbs = t.global_batch_size or t.micro_batch_size * dp
+    num_micro = gbs // (t.micro_batch_size * dp)
+    padded = pad_vocab_size(vocab, m.make_vocab_size_divisible_by, tp)
+    act_bytes = 2 if (t.bf16 or t.fp16) else 4
+    worst = {}
+    for first, last in ((True, pp == 1), (pp == 1, True)):
+        params = stage_parameters(c, padded, first, last)
+        weights, grads = 4 * params, 4 * params
+        optimizer = (4 if o.optimizer == "lion" else 8) * params / (dp if p.use_distributed_optimizer else 1)
+        per_layer = activation_bytes_per_layer(c, t.micro_batch_size, act_bytes)
+        layers = m.num_layers / pp
+        in_flight = min(pp, num_micro) if pp > 1 else 1
+        factor = 1 + (pp - 1) / (pp * vp) if vp > 1 else 1
+        activations = per_layer * layers * in_flight * factor
+        # Full recompute: one layer's activations exist again while its backward runs.
+        working = _without_recompute(c, t.micro_batch_size, act_bytes) if p.recompute_granularity == "full" else 0.0
+        s, b = m.seq_length, t.micro_batch_size
+        if last:  # output layer input, and the fp32 gradient of the logits (unfused) or of h and W (fused)
+            activations += s * b * m.hidden_size * act_bytes
+            fused = m.cross_entropy_fusion == "fused"
+            activations += 4 * (s * b * m.hidden_size + padded * m.hidden_size / tp) if fused else 4 * s * b * padded / tp
+        total = weights + grads + optimizer + activations + working
+        if total >= worst.get("total", -1):
+            worst = dict(params=params, weights=weights, gradients=grads, optimizer=optimizer,
+                         activations=activations, recompute_working=working, total=total,
+                         stage="first" if first else "last")
+    return dict(worst, tp=tp, pp=pp, dp=dp, vp=vp, num_microbatches=num_micro,
+                bubble=(pp - 1) / (vp * num_micro), **communication(c, cluster, dp, num_micro, padded, act_bytes))
+
+
+def _without_recompute(c: Config, micro_batch_size: int, act_bytes: int) -> float:
+    granularity = c.parallel.recompute_granularity
+    c.parallel.recompute_granularity = None
+    try:
+        return activation_bytes_per_layer(c, micro_batch_size, act_bytes)
+    finally:
+        c.parallel.recompute_granularity = granularity
+
+
+def communication(c: Config, cluster: Cluster, dp: int, num_micro: int, padded_vocab: int, act_bytes: int) -> dict:
+    """Bytes sent per GPU and step, and the time at the cluster's bandwidths."""
+    m, p, t = c.model, c.parallel, c.train
+    tp, pp, vp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, c.virtual_pipeline_model_parallel_size
+    layers = m.num_layers / pp
+    activation = m.seq_length * t.micro_batch_size * m.hidden_size * act_bytes
+    # Four all-reduces per layer and micro-batch (two forward, two backward; the same volume as
+    # SP's all-gather / reduce-scatter pairs), two more with full recompute.
+    collectives = 4 + (2 if p.recompute_granularity == "full" else 0)
+    tp_bytes = collectives * layers * num_micro * activation * 2 * (tp - 1) / tp if tp > 1 else 0.0
+    # Activations forward and gradients backward, at every stage boundary, VP times per micro-batch.
+    pp_bytes = 2 * vp * num_micro * activation / (tp if p.sequence_parallel and tp > 1 else 1) if pp > 1 else 0.0
+    grads = 4 * stage_parameters(c, padded_vocab, True, pp == 1)
+    dp_bytes = 2 * grads * (dp - 1) / dp  # all-reduce, or reduce-scatter + all-gather (ZeRO-1)
+    crosses_nodes = lambda span: span > cluster.gpus_per_node  # noqa: E731
+    bandwidth = {"tp": cluster.intra_node_gb_per_s if not crosses_nodes(tp) else cluster.inter_node_gb_per_s,
+                 "pp": cluster.inter_node_gb_per_s if crosses_nodes(tp * dp * pp) else cluster.intra_node_gb_per_s,
+                 "dp": cluster.inter_node_gb_per_s if crosses_nodes(tp * dp) else cluster.intra_node_gb_per_s}
+    return {"tp_bytes": tp_bytes, "pp_bytes": pp_bytes, "dp_bytes": dp_bytes,
+            "tp_seconds": tp_bytes / (bandwidth["tp"] * 1e9), "pp_seconds": pp_bytes / (bandwidth["pp"] * 1e9),
+            "dp_seconds": dp_bytes / (bandwidth["dp"] * 1e9)}
+
+
+def layouts(c: Config, cluster: Cluster):
+    """Every (TP, PP) that divides the world and the model, TP within a node."""
+    m = c.model
+    for tp in (1, 2, 4, 8, 16):
+        if tp > cluster.gpus_per_node or m.num_attention_heads % tp or m.query_groups % tp or m.ffn_size % tp:
+            continue
+        for pp in range(1, m.num_layers + 1):
+            if m.num_layers % pp == 0 and cluster.world_size % (tp * pp) == 0:
+                yield tp, pp
+
+
+def _row(e: dict, cluster: Cluster) -> str:
+    fits = "yes" if e["total"] <= cluster.gpu_memory_gb * GB else "NO"
+    comm = e["tp_seconds"] + e["pp_seconds"] + e["dp_seconds"]
+    return (f"{e['tp']:>3} {e['pp']:>3} {e['dp']:>4} {e['vp']:>3} | {e['weights'] / GB:8.2f} {e['gradients'] / GB:8.2f} "
+            f"{e['optimizer'] / GB:8.2f} {e['activations'] / GB:8.2f} {e['total'] / GB:8.2f} {fits:>4} | "
+            f"{100 * e['bubble']:6.1f}% | {e['tp_bytes'] / GB:8.2f} {e['pp_bytes'] / GB:8.2f} {e['dp_bytes'] / GB:8.2f} "
+            f"{comm:8.3f}")
+
+
+HEADER = (" TP  PP   DP  VP |  weights    grads optimizer activat.    total fits | bubble | "
+          "  TP GB/step PP GB    DP GB  comm s\n" + "-" * 124)
+
+
+def _cluster_flags(parser) -> None:
+    group = parser.add_argument_group("cluster (tools/parallel_plan.py)")
+    group.add_argument("--world-size", type=int, default=8, help="GPUs in the job.")
+    group.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node.")
+    group.add_argument("--gpu-memory-gb", type=float, default=80.0, help="Memory of one GPU, GiB.")
+    group.add_argument("--intra-node-gb-per-s", type=float, default=300.0, help="NVLink bandwidth per GPU, GB/s.")
+    group.add_argument("--inter-node-gb-per-s", type=float, default=25.0, help="Network bandwidth per GPU, GB/s.")
+    group.add_argument("--search", action="store_true", help="Try every TP x PP layout for --world-size.")
+
+
+def main(argv=None) -> int:
+    try:
+        config, ns = parse_args(argv, extra=_cluster_flags, description=__doc__.split("\n\n")[0])
+        if not config.data.vocab_size:
+            raise ConfigError("give the vocabulary size with --vocab-size N")
+        cluster = Cluster(ns.world_size, ns.gpus_per_node, ns.gpu_memory_gb, ns.intra_node_gb_per_s,
+                          ns.inter_node_gb_per_s)
+        candidates = list(layouts(config, cluster)) if ns.search else \
+            [(config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size)]
+        print(f"memory per GPU (GiB, the fullest pipeline stage), bubble, communication per step and GPU; "
+              f"{cluster.world_size} GPUs, {cluster.gpu_memory_gb:g} GiB each")
+        print(HEADER)
+        for tp, pp in candidates:
+            config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size = tp, pp
+            if ns.search:
+                config.parallel.num_layers_per_virtual_pipeline_stage = None
+            try:
+                config._validate_parallel()
+                print(_row(estimate(config, cluster, config.data.vocab_size), cluster))
+            except ConfigError as e:
+                if not ns.search:
+                    raise
+                print(f"{tp:>3} {pp:>3}   -- {e}")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
