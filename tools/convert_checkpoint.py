@@ -3,12 +3,16 @@
 
     python tools/convert_checkpoint.py --loader hf --saver megalm --load-dir Llama-3.2-1B --save-dir ckpt
     python tools/convert_checkpoint.py --loader megalm --saver hf --load-dir ckpt --save-dir hf_out
+    python tools/convert_checkpoint.py --loader megalm --saver megalm --load-dir ckpt_tp2_pp2 \
+        --save-dir ckpt_tp1 --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
 
 Supported: LlamaForCausalLM (Llama 2 and 3, grouped-query attention, Llama 3 rope scaling),
 MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel. A megalm checkpoint written here holds the
 weights only: train from it with `pretrain_gpt.py --load ckpt --finetune`. The Hugging Face
 directory written here loads with `AutoModelForCausalLM.from_pretrained` (and its tokenizer with
-`AutoTokenizer.from_pretrained`). See docs/INTEROP.md.
+`AutoTokenizer.from_pretrained`). A megalm checkpoint of any tensor / pipeline-parallel layout is
+merged on export; megalm -> megalm reshards to the target layout (optimizer state included, so
+training resumes). See docs/INTEROP.md and docs/PARALLELISM.md.
 """
 
 import argparse
@@ -18,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megalm.convert import ARCHITECTURES, ConversionError, hf_to_megalm, megalm_to_hf  # noqa: E402
+from megalm.convert.reshard import reshard  # noqa: E402
 from megalm.data.errors import DataError  # noqa: E402
 from megalm.training.checkpoint import CheckpointError  # noqa: E402
 
@@ -33,9 +38,11 @@ def parse_args(argv=None):
                                                           "iter_XXXXXXX directory).")
     parser.add_argument("--save-dir", required=True, help="Directory to write; must not exist (see --force).")
     parser.add_argument("--target-tensor-parallel-size", type=int, default=1,
-                        help="Tensor-parallel size of the megalm checkpoint written (only 1 for now).")
+                        help="megalm saver: tensor-parallel size of the checkpoint written.")
     parser.add_argument("--target-pipeline-parallel-size", type=int, default=1,
-                        help="Pipeline-parallel size of the megalm checkpoint written (only 1 for now).")
+                        help="megalm saver: pipeline-parallel size of the checkpoint written.")
+    parser.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                        help="megalm saver: layers per virtual stage, for the interleaved schedule.")
     parser.add_argument("--force", action="store_true", help="Write into --save-dir even if it exists.")
     parser.add_argument("--max-shard-size", default="5GB", help="hf saver: largest safetensors shard.")
     parser.add_argument("--hf-architecture", choices=sorted(ARCHITECTURES),
@@ -46,16 +53,21 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    layout = (args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
+              args.target_num_layers_per_virtual_pipeline_stage)
     try:
-        parallel = dict(tensor_parallel=args.target_tensor_parallel_size,
-                        pipeline_parallel=args.target_pipeline_parallel_size)
-        if args.loader == args.saver:
-            raise ConversionError(f"--loader and --saver are both {args.loader}: nothing to convert")
-        if args.loader == "hf":
-            hf_to_megalm(args.load_dir, args.save_dir, force=args.force, **parallel)
+        if args.loader == args.saver == "hf":
+            raise ConversionError("--loader and --saver are both hf: nothing to convert")
+        if args.saver == "hf" and layout != (1, 1, None):
+            raise ConversionError("--target-*-parallel-size and --target-num-layers-per-virtual-pipeline-stage "
+                                  "describe a megalm output; a Hugging Face checkpoint is never sharded by layer")
+        if args.loader == args.saver == "megalm":
+            reshard(args.load_dir, args.save_dir, *layout, force=args.force)
+        elif args.loader == "hf":
+            hf_to_megalm(args.load_dir, args.save_dir, args.force, *layout)
         else:
             megalm_to_hf(args.load_dir, args.save_dir, force=args.force, architecture=args.hf_architecture,
-                         max_shard_size=args.max_shard_size, **parallel)
+                         max_shard_size=args.max_shard_size)
     except (ConversionError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

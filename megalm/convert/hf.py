@@ -27,7 +27,7 @@ from megalm.convert import hf_files
 from megalm.convert.frame import Architecture, Context, ConversionError, check_tensors, hf_to_megalm_tensors, megalm_to_hf_tensors
 from megalm.convert.gpt2 import GPT2
 from megalm.convert.llama import Llama, Mistral, Qwen2
-from megalm.convert.megalm_checkpoint import build_tokenizer, check_layout, checkpoint_config, meta_model, open_checkpoint, save_weights
+from megalm.convert.megalm_checkpoint import build_tokenizer, checkpoint_config, meta_model, open_checkpoint, save_weights
 
 ARCHITECTURES = {arch.model_type: arch for arch in (Llama(), Mistral(), Qwen2(), GPT2())}
 # config.json keys kept across a round trip that do not change the weights.
@@ -64,13 +64,6 @@ def architecture_for_megalm(config: ModelConfig, name: Optional[str] = None) -> 
         f"bias={config.add_bias_linear}, qkv bias={config.add_qkv_bias}); supported: {supported()}")
 
 
-def _check_parallel(tensor_parallel: int, pipeline_parallel: int) -> None:
-    for size, flag in ((tensor_parallel, "--target-tensor-parallel-size"),
-                       (pipeline_parallel, "--target-pipeline-parallel-size")):
-        if size != 1:
-            raise ConversionError(f"{flag} {size} is not supported by this version: only 1")
-
-
 def _stage_tokenizer(src: str, staging: str) -> Optional[str]:
     """Copy the tokenizer files of a HF directory into `staging`; the megalm tokenizer type they make."""
     names = hf_files.copy_tokenizer_files(src, staging)
@@ -90,12 +83,17 @@ def _check_tokenizer_size(tokenizer, rows: int, what: str) -> None:
 
 
 def hf_to_megalm(src: str, dst: str, force: bool = False, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                 log=print) -> str:
-    """Convert the Hugging Face directory `src` into a megalm checkpoint under `dst`; returns the
-    iteration directory written."""
-    _check_parallel(tensor_parallel, pipeline_parallel)
+                 layers_per_virtual_stage: Optional[int] = None, log=print) -> str:
+    """Convert the Hugging Face directory `src` into a megalm checkpoint under `dst`, sharded for
+    the given tensor / pipeline-parallel layout; returns the iteration directory written."""
     if os.path.exists(dst) and not force:
         raise ConversionError(f"output directory {dst} exists; choose another or pass --force to overwrite it")
+    if (tensor_parallel, pipeline_parallel, layers_per_virtual_stage) != (1, 1, None):
+        from megalm.convert.reshard import reshard
+        with tempfile.TemporaryDirectory() as staging:
+            single = hf_to_megalm(src, os.path.join(staging, "tp1_pp1"), log=log)
+            return reshard(single, dst, tensor_parallel, pipeline_parallel, layers_per_virtual_stage,
+                           force=force, log=log)
     hf = hf_files.read_json(os.path.join(src, "config.json"))
     arch = architecture_for_hf(hf)
     model_config = ModelConfig(**arch.model_config(hf))
@@ -146,14 +144,13 @@ def _tokenizer_config(tokenizer_dir: str, names: list, tokenizer, max_positions:
 
 
 def megalm_to_hf(src: str, dst: str, force: bool = False, architecture: Optional[str] = None,
-                 max_shard_size="5GB", tensor_parallel: int = 1, pipeline_parallel: int = 1, log=print) -> str:
-    """Export the megalm checkpoint `src` (root or iter_XXXXXXX) as a Hugging Face directory `dst`."""
-    _check_parallel(tensor_parallel, pipeline_parallel)
+                 max_shard_size="5GB", log=print) -> str:
+    """Export the megalm checkpoint `src` (root or iter_XXXXXXX, any parallel layout) as a Hugging
+    Face directory `dst`."""
     if os.path.exists(dst) and not force:
         raise ConversionError(f"output directory {dst} exists; choose another or pass --force to overwrite it")
     shard_bytes = hf_files.parse_size(max_shard_size)
     found = open_checkpoint(src)
-    check_layout(found)
     config = checkpoint_config(found)
     model_config = config.model
     record = found["metadata"].get("hf", {})

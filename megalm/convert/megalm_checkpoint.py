@@ -19,9 +19,18 @@ from megalm.training.checkpoint import CheckpointError, find_checkpoint, read_ch
 
 
 def open_checkpoint(path: str) -> dict:
-    """The checkpoint at `path` (root or iter_XXXXXXX), read and verified (see `read_checkpoint`)."""
+    """The checkpoint at `path` (root or iter_XXXXXXX), read and verified (see `read_checkpoint`).
+
+    A checkpoint saved with tensor or pipeline parallelism is merged into the full model (weights
+    only), so export and inference read every layout.
+    """
     if not os.path.isdir(path):
         raise ConversionError(f"{path}: no such checkpoint directory")
+    from megalm.convert.reshard import checkpoint_dir, merge, saved_layout
+    if saved_layout(path) != (1, 1):
+        merged = merge(path)
+        return {"metadata": merged["metadata"], "model": merged["weights"], "optimizer": None, "rng": None,
+                "path": checkpoint_dir(path)}
     if os.path.isfile(os.path.join(path, "metadata.json")):
         return read_checkpoint(path)
     found = find_checkpoint(path)
@@ -56,14 +65,6 @@ def meta_model(config: ModelConfig) -> GPTModel:
     """The model without memory: its state dict gives every tensor name and shape."""
     with torch.device("meta"):
         return GPTModel(config)
-
-
-def check_layout(found: dict) -> None:
-    layout = found["metadata"].get("layout", {})
-    for key, flag in (("tensor_model_parallel_size", "tensor"), ("pipeline_model_parallel_size", "pipeline")):
-        if layout.get(key, 1) != 1:
-            raise ConversionError(f"{found['path']} was saved with {flag}-parallel size {layout[key]}; merging "
-                                  f"model-parallel checkpoints is not supported by this version: only 1")
 
 
 def save_weights(root: str, config: Config, state: dict, extra_metadata: dict) -> str:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from megalm.config import Config
-from megalm.convert.megalm_checkpoint import build_tokenizer, check_layout, checkpoint_config, open_checkpoint
+from megalm.convert.megalm_checkpoint import build_tokenizer, checkpoint_config, open_checkpoint
 from megalm.model import GPTModel
 
 
@@ -49,7 +49,6 @@ def load_model(path: str, device=None, dtype: Optional[str] = None) -> LoadedMod
         loaded = quantize.load_quantized(path)
     else:
         found = open_checkpoint(path)
-        check_layout(found)
         config = checkpoint_config(found)
         model = GPTModel(config.model)
         model.load_state_dict(found["model"])

@@ -9,8 +9,6 @@ gradients overflowed (those steps are skipped), and doubles it after `window` cl
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Iterable, Tuple
 
 import torch
 
@@ -84,26 +82,4 @@ def build_loss_scaler(train: TrainConfig, optim: OptimConfig) -> LossScaler:
         return LossScaler(optim.loss_scale)
     return DynamicLossScaler(optim.initial_loss_scale, optim.min_loss_scale,
                              optim.loss_scale_window, optim.hysteresis)
-
-
-@torch.no_grad()
-def unscale_and_clip(params: Iterable[torch.Tensor], inv_scale: float,
-                     clip: float) -> Tuple[float, bool]:
-    """Divide gradients by the loss scale, measure the global L2 norm and clip it to `clip`.
-
-    Returns (norm before clipping, found_inf). When the norm is not finite nothing is clipped:
-    the step will be skipped.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0, False
-    if inv_scale != 1.0:
-        torch._foreach_mul_(grads, inv_scale)
-    norms = torch._foreach_norm(grads, 2.0)
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0).item()
-    if not math.isfinite(total):
-        return total, True
-    if clip > 0 and total > clip:
-        torch._foreach_mul_(grads, clip / (total + 1e-6))
-    return total, False
 
