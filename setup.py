@@ -46,7 +46,8 @@ def cuda_extensions():
         return []
     return [CUDAExtension(
         name="megalm._cuda_kernels",
-        sources=["csrc/cuda/bindings.cpp", "csrc/cuda/rmsnorm_kernels.cu"],
+        sources=["csrc/cuda/bindings.cpp", "csrc/cuda/rmsnorm_kernels.cu",
+                 "csrc/cuda/moe_bindings.cpp", "csrc/cuda/moe_permute_kernels.cu"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
     )]
 

@@ -11,12 +11,16 @@ from megalm.kernels import _cuda, dispatch
 from megalm.kernels.attention import attention
 from megalm.kernels.cross_entropy import cross_entropy, linear_cross_entropy
 from megalm.kernels.dispatch import KernelUnsupportedError
+from megalm.kernels.grouped_gemm import grouped_gemm
+from megalm.kernels.moe_permute import expert_rows, permute, unpermute
+from megalm.kernels.moe_router import topk_router
 from megalm.kernels.rmsnorm import layer_norm, rms_norm
 from megalm.kernels.rope import apply_rotary
 from megalm.kernels.swiglu import swiglu
 
-__all__ = ["KernelUnsupportedError", "apply_rotary", "attention", "cross_entropy", "describe", "layer_norm",
-           "linear_cross_entropy", "rms_norm", "swiglu"]
+__all__ = ["KernelUnsupportedError", "apply_rotary", "attention", "cross_entropy", "describe", "expert_rows",
+           "grouped_gemm", "layer_norm", "linear_cross_entropy", "permute", "rms_norm", "swiglu", "topk_router",
+           "unpermute"]
 
 
 def _path(backend: str, device: torch.device, fast: tuple[str, ...]) -> str:
@@ -61,4 +65,8 @@ def describe(device, config=None) -> dict[str, str]:
         info["apply_rotary"] = _path("auto", device, ("triton",))
     if config is None or getattr(config, "swiglu", True):
         info["swiglu"] = _path("auto", device, ("triton",))
+    if getattr(config, "num_experts", None):
+        info["moe_router"] = _path("auto", device, ("triton",))
+        info["moe_permute"] = _path("auto", device, ("triton", "cuda"))
+        info["grouped_gemm"] = _path("auto", device, ("triton",))
     return info

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
-SOURCES = ("bindings.cpp", "rmsnorm_kernels.cu")
+SOURCES = ("bindings.cpp", "rmsnorm_kernels.cu", "moe_bindings.cpp", "moe_permute_kernels.cu")
 
 _state: dict = {}
 

@@ -1,0 +1,243 @@
+"""Mixture of experts: a router, fine-grained SwiGLU experts and optional shared experts.
+
+DeepSeek-MoE's layer (Dai et al., 2024), which contains Mixtral's and Switch's as special cases:
+
+    y = shared(x) + sum_{j < k} w_j(x) * expert_{i_j(x)}(x)
+
+- `TopKRouter`: logits = x W_r^T in fp32; scores = softmax or sigmoid of the logits; the top-k
+  experts of each token and their weights (optionally renormalised to sum to 1, and scaled)
+  (`megalm.kernels.topk_router`).
+- Dispatch: the token rows go to expert-contiguous order (`megalm.kernels.permute`), dropless by
+  default; with `--moe-expert-capacity-factor` every expert keeps at most its capacity, dropping
+  its lowest-probability assignments. With expert parallelism the rows then travel to the ranks
+  that hold their experts by all-to-all (`megalm.parallel.expert`), and back.
+- `GroupedExperts`: every expert is a SwiGLU MLP; all experts run as two grouped GEMMs
+  (`megalm.kernels.grouped_gemm`) with weights stacked per expert, `weight1` [E, 2 x ffn, h]
+  (gate half first) and `weight2` [E, h, ffn], the layout of Hugging Face's fused experts.
+- Combine: each token's expert outputs, weighted by its routing weights (`megalm.kernels.unpermute`).
+- Shared experts: a dense SwiGLU MLP of `--moe-shared-expert-intermediate-size` every token uses,
+  optionally scaled by a per-token sigmoid gate (`--moe-shared-expert-gate`, Qwen2-MoE).
+
+Training losses, per MoE layer, computed on this rank's tokens of the micro-batch:
+
+    aux = coeff x E x sum_i f_i P_i     f_i = tokens routed to i / (tokens x k),  P_i = mean score of i
+    z   = coeff x mean_t logsumexp(logits_t)^2
+
+(Switch Transformer / GShard; ST-MoE). With sigmoid scores P uses the scores normalised to sum to 1
+per token. The model adds them to the language-model loss (`GPTModel.forward`), so they are
+averaged over micro-batches and data-parallel ranks exactly as the loss is. Each layer also keeps
+statistics for the logs (`moe_statistics`): tokens per expert, aux and z losses, dropped
+assignments, summed since the last read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megalm.config import ModelConfig
+from megalm.kernels import expert_rows, grouped_gemm, permute, swiglu, topk_router, unpermute
+from megalm.model.init import normal_init, scaled_init
+from megalm.model.mlp import MLP
+from megalm.parallel.state import ParallelState
+
+
+def load_balancing_loss(scores: torch.Tensor, indices: torch.Tensor, num_experts: int,
+                        score_function: str) -> torch.Tensor:
+    """E x sum_i f_i P_i for scores [t, E] and the top-k choices indices [t, k] (Switch Transformer eq. 4)."""
+    t, k = indices.shape
+    probs = scores if score_function == "softmax" else scores / scores.sum(-1, keepdim=True)
+    fraction = torch.bincount(indices.reshape(-1), minlength=num_experts).to(probs.dtype) / (t * k)
+    return num_experts * torch.sum(fraction * probs.mean(0))
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """mean_t logsumexp(logits_t)^2 (ST-MoE): keeps the router logits small."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_experts, self.topk = config.num_experts, config.moe_router_topk
+        self.score_function = config.moe_router_score_function
+        self.normalize = config.moe_router_norm_topk_prob
+        self.scaling = config.moe_router_topk_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        normal_init(config.init_method_std)(self.weight)
+
+    def forward(self, x: torch.Tensor):
+        """x [t, h] -> (logits [t, E] fp32, weights [t, k] fp32, indices [t, k], scores [t, E] fp32)."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        weights, indices, scores = topk_router(logits, self.topk, self.score_function, self.normalize, self.scaling)
+        return logits, weights, indices, scores
+
+
+class GroupedExperts(nn.Module):
+    """The SwiGLU experts `first_expert .. first_expert + num_local - 1` of a layer with `num_experts`.
+
+    Every rank draws the weights of all experts from the same stream and keeps its own, so an
+    expert-parallel model holds exactly the experts of the single-process one.
+    """
+
+    def __init__(self, config: ModelConfig, num_local: int, first_expert: int = 0):
+        super().__init__()
+        e, h, f = config.num_experts, config.hidden_size, config.moe_ffn_size
+        std = config.init_method_std
+        weight1, weight2 = torch.empty(e, 2 * f, h), torch.empty(e, h, f)
+        normal_init(std)(weight1)
+        scaled_init(std, config.num_layers)(weight2)
+        local = slice(first_expert, first_expert + num_local)
+        self.weight1 = nn.Parameter(weight1[local].clone())  # [E_local, 2 ffn, h], gate half first
+        self.weight2 = nn.Parameter(weight2[local].clone())  # [E_local, h, ffn]
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """x [m, h], rows grouped by local expert (tokens_per_expert [E_local]) -> [m, h]."""
+        w1, w2 = self.weight1, self.weight2
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
+        elif x.dtype != w1.dtype:
+            x = x.to(w1.dtype)
+        h = grouped_gemm(x, w1, tokens_per_expert)  # [m, 2 ffn]
+        return grouped_gemm(swiglu(h), w2, tokens_per_expert)  # [m, h]
+
+
+class MoELayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_number: int, parallel: Optional[ParallelState] = None):
+        super().__init__()
+        parallel = parallel or ParallelState()
+        self.layer_number = layer_number
+        self.num_experts, self.topk = config.num_experts, config.moe_router_topk
+        self.score_function = config.moe_router_score_function
+        self.aux_loss_coeff, self.z_loss_coeff = config.moe_aux_loss_coeff, config.moe_z_loss_coeff
+        self.capacity_factor = config.moe_expert_capacity_factor
+        self.pad_to_capacity = config.moe_pad_expert_input_to_capacity
+        self.expert_parallel = parallel.expert_model_parallel_size
+        self.expert_group = parallel.expert_model_parallel_group
+        num_local = config.num_experts // self.expert_parallel
+        ep_rank = parallel.expert_model_parallel_rank if self.expert_parallel > 1 else 0
+        self.router = TopKRouter(config)
+        self.experts = GroupedExperts(config, num_local, ep_rank * num_local)
+        for p in self.experts.parameters():
+            p.expert_parallel = True  # reduced over the expert-data-parallel group (megalm.parallel.expert)
+        self.shared_experts = None
+        if config.moe_shared_expert_intermediate_size:
+            shared = dataclasses.replace(config, ffn_hidden_size=config.moe_shared_expert_intermediate_size)
+            self.shared_experts = MLP(shared, parallel)
+        self.shared_expert_gate = None
+        if config.moe_shared_expert_gate and self.shared_experts is not None:
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)  # Qwen2-MoE
+            normal_init(config.init_method_std)(self.shared_expert_gate.weight)
+        self.aux_loss: Optional[torch.Tensor] = None  # this forward's aux + z losses (training only)
+        self.reset_statistics()
+
+    def reset_statistics(self) -> None:
+        self.stats = {"tokens_per_expert": torch.zeros(self.num_experts, dtype=torch.float64),
+                      "aux_loss": torch.zeros((), dtype=torch.float64), "z_loss": torch.zeros((), dtype=torch.float64),
+                      "dropped": torch.zeros((), dtype=torch.float64), "calls": 0}
+
+    def _record(self, counts: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, dropped) -> None:
+        s = self.stats
+        if s["tokens_per_expert"].device != counts.device:
+            s.update({key: value.to(counts.device) for key, value in s.items() if torch.is_tensor(value)})
+        s["tokens_per_expert"] += counts.detach()
+        s["aux_loss"] += aux.detach()
+        s["z_loss"] += z.detach()
+        if dropped is not None:
+            s["dropped"] += dropped
+        s["calls"] += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, h]
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])  # [t, h]
+        logits, weights, indices, scores = self.router(tokens)
+        routing = expert_rows(indices, self.num_experts, scores.gather(1, indices), self.capacity_factor,
+                              self.pad_to_capacity)
+        self.aux_loss = None
+        if self.training:
+            counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts)
+            aux = load_balancing_loss(scores, indices, self.num_experts, self.score_function)
+            z = z_loss(logits)
+            self._record(counts, aux, z, routing.dropped)
+            if self.aux_loss_coeff > 0 or self.z_loss_coeff > 0:
+                self.aux_loss = self.aux_loss_coeff * aux + self.z_loss_coeff * z
+        expert_input = tokens
+        if torch.is_autocast_enabled(tokens.device.type):  # move the rows in the compute dtype
+            expert_input = tokens.to(torch.get_autocast_dtype(tokens.device.type))
+        rows = permute(expert_input, routing)  # [num_rows, h], expert-contiguous
+        if self.expert_parallel > 1:
+            from megalm.parallel.expert import run_expert_parallel
+            out_rows = run_expert_parallel(self.experts, rows, routing.tokens_per_expert, self.expert_group)
+        else:
+            out_rows = self.experts(rows, routing.tokens_per_expert)
+        out = unpermute(out_rows, routing, weights)  # [t, h]
+        if self.shared_experts is not None:
+            shared = self.shared_experts(tokens)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+            out = out + shared
+        return out.view(*shape[:-1], shape[-1])
+
+
+def moe_layers(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def moe_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    """The sum of the aux and z losses of `model`'s MoE layers in the last forward (None if none)."""
+    losses = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
+def moe_statistics(models, group=None) -> Optional[dict]:
+    """Per-layer expert load and losses since the last call (then reset), summed over `group`.
+
+    Returns None without MoE layers, else {"aux_loss", "z_loss" (means over layers and forward
+    passes), "dropped" (assignments dropped; None when dropless), "load_cv" {layer: coefficient of variation of the
+    tokens per expert}, "tokens_per_expert" {layer: list}}.
+    """
+    layers = [m for model in models for m in moe_layers(model)]
+    if not layers or not any(m.stats["calls"] for m in layers):
+        return None
+    packed = torch.cat([torch.cat([m.stats["tokens_per_expert"],
+                                   torch.stack([m.stats["aux_loss"], m.stats["z_loss"], m.stats["dropped"],
+                                                torch.tensor(float(m.stats["calls"]), dtype=torch.float64,
+                                                             device=m.stats["aux_loss"].device)])])
+                        for m in layers])
+    if group is not None:
+        torch.distributed.all_reduce(packed, group=group)
+    packed = packed.cpu()
+    out = {"load_cv": {}, "tokens_per_expert": {}}
+    aux = z = dropped = calls = 0.0
+    offset = 0
+    for m in layers:
+        counts = packed[offset: offset + m.num_experts]
+        a, zz, d, c = packed[offset + m.num_experts: offset + m.num_experts + 4].tolist()
+        offset += m.num_experts + 4
+        aux, z, dropped, calls = aux + a, z + zz, dropped + d, calls + c
+        mean = counts.mean()
+        out["load_cv"][m.layer_number] = float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0
+        out["tokens_per_expert"][m.layer_number] = counts.tolist()
+        m.reset_statistics()
+    out["aux_loss"], out["z_loss"] = aux / max(calls, 1), z / max(calls, 1)
+    out["dropped"] = dropped if any(m.capacity_factor is not None for m in layers) else None
+    return out
+
+
+def moe_log(stats: dict) -> tuple:
+    """(a compact part for the console line, TensorBoard scalars) from `moe_statistics`."""
+    cvs = stats["load_cv"]
+    mean_cv = sum(cvs.values()) / len(cvs)
+    line = f"moe aux {stats['aux_loss']:.4f} z {stats['z_loss']:.3f} load cv {mean_cv:.3f}"
+    scalars = {"moe/aux_loss": stats["aux_loss"], "moe/z_loss": stats["z_loss"]}
+    scalars.update({f"moe/load_cv_layer{i}": cv for i, cv in cvs.items()})
+    if stats["dropped"] is not None:  # capacity on
+        line += f" dropped {int(stats['dropped'])}"
+        scalars["moe/dropped_tokens"] = stats["dropped"]
+    return line, scalars
