@@ -6,6 +6,8 @@
         --micro-batch-size 8 --global-batch-size 32 --train-iters 200 --lr 1e-3
 
     torchrun --nproc-per-node 8 pretrain_gpt.py ...    # each process is a data-parallel rank
+    torchrun --nproc-per-node 8 pretrain_gpt.py --tensor-model-parallel-size 2 \
+        --pipeline-model-parallel-size 2 ...           # tensor 2 x pipeline 2 x data 2
 
 The three providers below are the whole recipe, as in Megatron-LM: a model, the datasets and the
 forward step. `megalm.training.pretrain` does the rest (see `--help` for every flag).
@@ -13,16 +15,19 @@ forward step. `megalm.training.pretrain` does the rest (see `--help` for every f
 
 import copy
 import sys
+from typing import Optional
 
 from megalm.arguments import parse_args
 from megalm.config import Config, ConfigError, pad_vocab_size
 from megalm.model import GPTModel
+from megalm.parallel.state import ParallelState
 from megalm.training.checkpoint import CheckpointError
 from megalm.training.trainer import TrainingError, gpt_forward_step, pretrain
 
 
-def model_provider(config: Config) -> GPTModel:
-    return GPTModel(config.model)
+def model_provider(config: Config, parallel: Optional[ParallelState] = None, virtual_stage: int = 0) -> GPTModel:
+    """This rank's part of the model: its tensor-parallel shard of pipeline chunk `virtual_stage`."""
+    return GPTModel(config.model, parallel, virtual_stage)
 
 
 def datasets_provider(config: Config, num_samples):
@@ -47,7 +52,8 @@ def set_vocabulary(config: Config) -> None:
     else:
         from megalm.data.tokenizer import build_tokenizer
         vocab_size = build_tokenizer(config.data).vocab_size
-    config.model.padded_vocab_size = pad_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by)
+    config.model.padded_vocab_size = pad_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by,
+                                                    config.parallel.tensor_model_parallel_size)
 
 
 def main(argv=None) -> int:

@@ -56,6 +56,14 @@ class ModelConfig:
     position_embedding_type: str = opt(
         "learned_absolute", "Position encoding.", choices=["learned_absolute", "rope"])
     rotary_base: float = opt(10000.0, "RoPE base (theta).")
+    rope_scaling_factor: Optional[float] = opt(
+        None, "Llama 3 RoPE scaling: divide the low frequencies by this factor (e.g. 8; default: off).")
+    rope_scaling_low_freq_factor: float = opt(
+        1.0, "Llama 3 RoPE scaling: wavelengths above original-max-position / this are scaled fully.")
+    rope_scaling_high_freq_factor: float = opt(
+        4.0, "Llama 3 RoPE scaling: wavelengths below original-max-position / this are kept.")
+    rope_scaling_original_max_position: int = opt(
+        8192, "Llama 3 RoPE scaling: context length the model was pre-trained with.")
     normalization: str = opt("LayerNorm", "Normalization layer.", choices=["LayerNorm", "RMSNorm"])
     norm_epsilon: float = opt(1e-5, "Epsilon of the normalization layers.")
     swiglu: bool = opt(False, "Use a SwiGLU MLP instead of GELU.")
@@ -78,6 +86,38 @@ class ModelConfig:
     cross_entropy_fusion: str = opt(
         "auto", "Fuse the output layer with the cross-entropy loss so the [tokens x vocab] logits "
                 "never exist (auto: fused on a GPU).", choices=["auto", "fused", "unfused"])
+
+    # Mixture of experts (megalm.model.moe, docs/MOE.md); off unless --num-experts is given.
+    num_experts: Optional[int] = opt(
+        None, "Routed experts per MoE layer; switches the MLP of the MoE layers to a mixture of SwiGLU "
+              "experts (default: dense model).")
+    moe_ffn_hidden_size: Optional[int] = opt(None, "Hidden size of each routed expert (default: --ffn-hidden-size).")
+    moe_shared_expert_intermediate_size: Optional[int] = opt(
+        None, "Total hidden size of the shared experts that every token passes through (DeepSeek-MoE; "
+              "e.g. 2 x --moe-ffn-hidden-size for two shared experts; default: none).")
+    moe_shared_expert_gate: bool = opt(
+        False, "Scale the shared experts' output by a learned sigmoid gate per token (Qwen2-MoE).")
+    moe_router_topk: int = opt(2, "Experts each token is routed to.")
+    moe_router_score_function: str = opt(
+        "softmax", "Router scores: softmax over the experts (Mixtral, Qwen2-MoE, DeepSeek-MoE) or an "
+                   "independent sigmoid per expert (DeepSeek-V3).", choices=["softmax", "sigmoid"])
+    moe_router_norm_topk_prob: bool = opt(
+        False, "Renormalise the top-k scores of each token to sum to 1 (Mixtral; Qwen2-MoE's "
+               "norm_topk_prob).")
+    moe_router_topk_scaling_factor: Optional[float] = opt(
+        None, "Multiply the top-k routing weights by this factor (DeepSeek's routed_scaling_factor; "
+              "default: 1).")
+    moe_aux_loss_coeff: float = opt(
+        0.0, "Load-balancing loss coefficient (Switch / GShard: num-experts x sum_i f_i P_i per layer).")
+    moe_z_loss_coeff: float = opt(0.0, "Router z-loss coefficient (mean of logsumexp(router logits)^2).")
+    moe_expert_capacity_factor: Optional[float] = opt(
+        None, "Expert capacity as a multiple of tokens x top-k / experts; assignments beyond it are "
+              "dropped, lowest routing probability first (default: dropless).")
+    moe_pad_expert_input_to_capacity: bool = opt(
+        False, "Pad every expert's input to its capacity (fixed shapes); needs --moe-expert-capacity-factor.")
+    moe_layer_freq: int = opt(1, "Every this many layers is an MoE layer (layer i with i %% freq == 0); "
+                                 "the others keep the dense MLP.")
+    first_k_dense_replace: int = opt(0, "Keep the dense MLP in the first this many layers (DeepSeek-MoE).")
 
     # Not flags: derived at start-up.
     padded_vocab_size: int = field(default=0, metadata={"derived": True})
@@ -102,6 +142,15 @@ class ModelConfig:
     def max_positions(self) -> int:
         return self.max_position_embeddings or self.seq_length
 
+    @property
+    def moe_ffn_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_size
+
+    def is_moe_layer(self, layer_number: int) -> bool:
+        """Does layer `layer_number` (0-based) hold a mixture of experts instead of the dense MLP?"""
+        return (bool(self.num_experts) and layer_number >= self.first_k_dense_replace
+                and layer_number % self.moe_layer_freq == 0)
+
 
 @dataclass
 class ParallelConfig:
@@ -115,6 +164,32 @@ class ParallelConfig:
         "auto", "torch.distributed backend (auto: nccl on GPUs, gloo on CPU).",
         choices=["auto", "nccl", "gloo"])
     distributed_timeout_minutes: int = opt(10, "Timeout of collective operations, in minutes.")
+    tensor_model_parallel_size: int = opt(
+        1, "Tensor-parallel size: ranks that split every layer's matmuls (attention heads, FFN, "
+           "vocabulary); keep it within a node.")
+    pipeline_model_parallel_size: int = opt(
+        1, "Pipeline-parallel size: ranks that split the layers into consecutive stages.")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = opt(
+        None, "Layers per virtual pipeline stage: each pipeline rank holds several model chunks and "
+              "runs the interleaved 1F1B schedule (default: one chunk per rank, plain 1F1B).")
+    sequence_parallel: bool = opt(
+        False, "With tensor parallelism, also split the norm and dropout regions along the sequence "
+               "(their activations shrink by the tensor-parallel size).")
+    use_distributed_optimizer: bool = opt(
+        False, "Shard the optimizer state across data-parallel ranks (ZeRO-1): gradients are "
+               "reduce-scattered, each rank updates its shard, parameters are all-gathered.")
+    recompute_granularity: Optional[str] = opt(
+        None, "Activation recompute: full (whole layers, keep only their inputs) or selective (the "
+              "attention core only).", choices=["full", "selective"])
+    recompute_method: str = opt(
+        "uniform", "Full recompute: uniform (checkpoint groups of --recompute-num-layers layers) or "
+                   "block (checkpoint only the first --recompute-num-layers layers of each stage).",
+        choices=["uniform", "block"])
+    recompute_num_layers: int = opt(
+        1, "Full recompute: layers per checkpointed group (uniform) or per stage (block).")
+    expert_model_parallel_size: int = opt(
+        1, "Expert-parallel size: ranks that split each MoE layer's experts, exchanging tokens by "
+           "all-to-all; carved out of the data-parallel ranks.")
 
 
 @dataclass
@@ -251,6 +326,9 @@ class Config:
             if not 0.0 <= getattr(m, name) < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(m, name)}")
 
+        self._validate_parallel()
+        self._validate_moe()
+
         if t.bf16 and t.fp16:
             raise ConfigError("--bf16 and --fp16 are mutually exclusive: choose one")
         if t.micro_batch_size <= 0:
@@ -261,6 +339,14 @@ class Config:
             raise ConfigError(
                 f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
                 f"({t.micro_batch_size}) x data-parallel size ({data_parallel_size})")
+        num_microbatches = t.global_batch_size // (t.micro_batch_size * data_parallel_size)
+        if self.parallel.num_layers_per_virtual_pipeline_stage and \
+                num_microbatches % self.parallel.pipeline_model_parallel_size:
+            raise ConfigError(
+                f"the interleaved schedule (--num-layers-per-virtual-pipeline-stage) needs the number "
+                f"of micro-batches per step ({num_microbatches} = --global-batch-size / (--micro-batch-size"
+                f" x data-parallel size {data_parallel_size})) to be a multiple of "
+                f"--pipeline-model-parallel-size ({self.parallel.pipeline_model_parallel_size})")
         if t.train_iters is None and t.train_tokens is None:
             raise ConfigError("give the length of training with --train-iters or --train-tokens")
         if t.train_iters is not None and t.train_tokens is not None:
@@ -306,6 +392,91 @@ class Config:
         if d.tokenizer_type == "NullTokenizer" and not d.vocab_size:
             raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size N")
         return self
+
+
+    def _validate_parallel(self) -> None:
+        """Model-parallel sizes against the model's shape (the world size is checked at start-up)."""
+        m, p = self.model, self.parallel
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        if tp <= 0 or pp <= 0:
+            raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be positive")
+        for what, value in (("--num-attention-heads", m.num_attention_heads),
+                            ("--num-query-groups", m.query_groups), ("--ffn-hidden-size", m.ffn_size)):
+            if value % tp:
+                raise ConfigError(f"{what} ({value}) must be divisible by --tensor-model-parallel-size "
+                                  f"({tp}): each tensor-parallel rank holds an equal share")
+        if m.num_layers % pp:
+            raise ConfigError(f"--num-layers ({m.num_layers}) must be divisible by "
+                              f"--pipeline-model-parallel-size ({pp})")
+        if p.num_layers_per_virtual_pipeline_stage is not None:
+            per = p.num_layers_per_virtual_pipeline_stage
+            if pp < 2:
+                raise ConfigError("--num-layers-per-virtual-pipeline-stage needs "
+                                  "--pipeline-model-parallel-size of 2 or more")
+            if per <= 0 or m.num_layers % (per * pp):
+                raise ConfigError(
+                    f"--num-layers ({m.num_layers}) must be divisible by --num-layers-per-virtual-"
+                    f"pipeline-stage ({per}) x --pipeline-model-parallel-size ({pp})")
+        if p.sequence_parallel and m.seq_length % tp:
+            raise ConfigError(f"--sequence-parallel splits the sequence: --seq-length ({m.seq_length}) "
+                              f"must be divisible by --tensor-model-parallel-size ({tp})")
+        if p.recompute_num_layers <= 0:
+            raise ConfigError(f"--recompute-num-layers must be positive, got {p.recompute_num_layers}")
+
+    def _validate_moe(self) -> None:
+        """Mixture-of-experts flags (the expert-parallel size against the world: at start-up)."""
+        m, p = self.model, self.parallel
+        ep = p.expert_model_parallel_size
+        if ep <= 0:
+            raise ConfigError(f"--expert-model-parallel-size must be positive, got {ep}")
+        if not m.num_experts:
+            if m.num_experts is not None:
+                raise ConfigError(f"--num-experts must be positive, got {m.num_experts}")
+            if ep > 1:
+                raise ConfigError("--expert-model-parallel-size needs an MoE model (--num-experts)")
+            return
+        if not m.swiglu:
+            raise ConfigError("--num-experts needs --swiglu: the experts are SwiGLU MLPs")
+        if not 1 <= m.moe_router_topk <= m.num_experts:
+            raise ConfigError(f"--moe-router-topk ({m.moe_router_topk}) must be between 1 and --num-experts "
+                              f"({m.num_experts})")
+        if m.num_experts % ep:
+            raise ConfigError(f"--num-experts ({m.num_experts}) must be divisible by "
+                              f"--expert-model-parallel-size ({ep}): each rank holds an equal share")
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_topk_scaling_factor",
+                     "moe_expert_capacity_factor"):
+            value = getattr(m, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if m.moe_aux_loss_coeff < 0 or m.moe_z_loss_coeff < 0:
+            raise ConfigError("--moe-aux-loss-coeff and --moe-z-loss-coeff must not be negative")
+        if m.moe_shared_expert_gate and not m.moe_shared_expert_intermediate_size:
+            raise ConfigError("--moe-shared-expert-gate needs shared experts (--moe-shared-expert-intermediate-size)")
+        if m.moe_pad_expert_input_to_capacity and m.moe_expert_capacity_factor is None:
+            raise ConfigError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor: dropless "
+                              "routing (no factor) has no capacity to pad to")
+        if m.moe_layer_freq <= 0 or m.first_k_dense_replace < 0:
+            raise ConfigError("--moe-layer-freq must be positive and --first-k-dense-replace not negative")
+        if not any(m.is_moe_layer(i) for i in range(m.num_layers)):
+            raise ConfigError(f"--first-k-dense-replace ({m.first_k_dense_replace}) and --moe-layer-freq "
+                              f"({m.moe_layer_freq}) leave no MoE layer among the {m.num_layers} layers")
+        if p.tensor_model_parallel_size > 1 or p.pipeline_model_parallel_size > 1:
+            raise ConfigError("--num-experts is not supported with --tensor-model-parallel-size or "
+                              "--pipeline-model-parallel-size > 1 yet; use --expert-model-parallel-size "
+                              "and data parallelism")
+        if ep > 1 and p.use_distributed_optimizer:
+            raise ConfigError("--expert-model-parallel-size > 1 does not support --use-distributed-optimizer yet")
+        if ep > 1 and (self.train.save or self.train.load):
+            raise ConfigError("--expert-model-parallel-size > 1 cannot --save / --load checkpoints yet (each "
+                              "rank holds other experts); train with --expert-model-parallel-size 1 to checkpoint")
+
+    @property
+    def virtual_pipeline_model_parallel_size(self) -> int:
+        """Model chunks per pipeline rank (1 without the interleaved schedule)."""
+        per = self.parallel.num_layers_per_virtual_pipeline_stage
+        if per is None:
+            return 1
+        return self.model.num_layers // (per * self.parallel.pipeline_model_parallel_size)
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int = 1) -> int:

@@ -4,6 +4,11 @@ The fused query/key/value projection uses Megatron's layout: output features are
 head, each group holding its `heads_per_group` query heads, then its key head, then its value head:
 [g0: q0 .. q{r-1}, k, v | g1: ...] with r = num_attention_heads / num_query_groups. Splitting the
 output features evenly across tensor-parallel ranks then gives each rank whole groups.
+
+A KV cache may hold a left-padded batch (prompts of different lengths generated together): its
+`left_padding` gives each row's count of padding slots, the model then numbers each row's positions
+from its first real token, and attention masks the padding keys. Each row computes what it would
+compute alone.
 """
 
 from __future__ import annotations
@@ -11,11 +16,17 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
+from torch.utils.checkpoint import noop_context_fn
 
 from megalm.config import ModelConfig
 from megalm.kernels import apply_rotary, attention
 from megalm.model.init import normal_init, scaled_init
+from megalm.model.rope import apply_rotary_rows
+from megalm.parallel.random import checkpoint_context_fn
+from megalm.parallel.state import ParallelState
 from megalm.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 
@@ -33,6 +44,30 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.max_len = max_len
         self.seq_len = 0
+        self.left_padding: Optional[torch.Tensor] = None  # [b] padding slots before each row's tokens
+
+    def set_left_padding(self, lengths: torch.Tensor) -> None:
+        """Mark the first lengths[i] slots of row i as padding (before anything is stored)."""
+        self.left_padding = lengths.to(self.keys[0].device, torch.long)
+
+    def position_ids(self, s: int) -> torch.Tensor:
+        """Positions of the next s tokens of each row, counted from its first real token: [b, s]."""
+        slots = torch.arange(self.seq_len, self.seq_len + s, device=self.left_padding.device)
+        return (slots[None, :] - self.left_padding[:, None]).clamp(min=0)
+
+    def attention_mask(self, s: int) -> torch.Tensor:
+        """[b, 1, s, seq_len + s] bool for the next s queries: True where a query may attend a key.
+
+        Causal, and padding keys hidden; a padding query sees itself only, so that its softmax
+        has something to normalise (its output is never used).
+        """
+        end = self.seq_len + s
+        keys = torch.arange(end, device=self.left_padding.device)
+        queries = torch.arange(self.seq_len, end, device=self.left_padding.device)
+        causal = keys[None, :] <= queries[:, None]  # [s, end]
+        real = keys[None, :] >= self.left_padding[:, None]  # [b, end]
+        mask = (causal[None] & real[:, None, :]) | (keys[None, :] == queries[:, None])[None]
+        return mask[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v [b, s, g, d] after the cached positions; return all keys and values so far."""
@@ -50,39 +85,67 @@ class KVCache:
         """Keep only the batch rows in `index` (sequences that are still being generated)."""
         self.keys = [k[index] for k in self.keys]
         self.values = [v[index] for v in self.values]
+        if self.left_padding is not None:
+            self.left_padding = self.left_padding[index]
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_number: int):
+    def __init__(self, config: ModelConfig, layer_number: int, parallel: Optional[ParallelState] = None):
         super().__init__()
+        parallel = parallel or ParallelState()
         self.layer_number = layer_number
-        self.num_heads = config.num_attention_heads
-        self.num_groups = config.query_groups
+        # Under tensor parallelism each rank holds whole query groups: num_query_groups / TP of them.
+        tp = parallel.tensor_model_parallel_size
+        self.num_heads = config.num_attention_heads // tp
+        self.num_groups = config.query_groups // tp
         self.head_dim = config.head_dim
         self.dropout_p = config.attention_dropout
         self.backend = config.attention_backend
         self.use_rope = config.position_embedding_type == "rope"
-        qkv_size = (self.num_heads + 2 * self.num_groups) * self.head_dim
+        # Heads are split across tensor-parallel ranks: dropout masks must differ between them.
+        self.rng_tracker = parallel.rng_tracker if tp > 1 else None
+        self.recompute_core = parallel.recompute_granularity == "selective"
+        qkv_size = (config.num_attention_heads + 2 * config.query_groups) * self.head_dim
         std = config.init_method_std
         self.linear_qkv = ColumnParallelLinear(
             config.hidden_size, qkv_size, bias=config.add_bias_linear or config.add_qkv_bias,
-            init_method=normal_init(std))
+            init_method=normal_init(std), parallel=parallel)
         self.linear_proj = RowParallelLinear(
-            self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear,
-            init_method=scaled_init(std, config.num_layers))
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear,
+            init_method=scaled_init(std, config.num_layers), parallel=parallel)
 
     def forward(self, x: torch.Tensor, rotary=None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        b, s, _ = x.shape  # [b, s, h]
+        qkv = self.linear_qkv(x)  # [b, s, (nq + 2 g) d / TP]: the whole sequence, also under SP
+        b, s = qkv.shape[:2]
         r = self.num_heads // self.num_groups
-        qkv = self.linear_qkv(x).view(b, s, self.num_groups, r + 2, self.head_dim)
+        qkv = qkv.view(b, s, self.num_groups, r + 2, self.head_dim)
         q = qkv[:, :, :, :r].reshape(b, s, self.num_heads, self.head_dim)  # [b, s, nq, d]
         k = qkv[:, :, :, r]  # [b, s, g, d]
         v = qkv[:, :, :, r + 1]
         if self.use_rope:
             cos, sin = rotary
-            q, k = apply_rotary(q, k, cos, sin)
+            q, k = apply_rotary_rows(q, k, cos, sin) if cos.dim() == 3 else apply_rotary(q, k, cos, sin)
         if kv_cache is not None:
+            mask = kv_cache.attention_mask(s) if kv_cache.left_padding is not None else None
             k, v = kv_cache.update(self.layer_number, k, v)
+            if mask is not None:
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                    enable_gqa=self.num_heads != self.num_groups).transpose(1, 2)
+                return self.linear_proj(out.reshape(b, s, self.num_heads * self.head_dim))
         dropout_p = self.dropout_p if self.training else 0.0
-        out = attention(q, k, v, causal=True, dropout_p=dropout_p, backend=self.backend)
+        if self.recompute_core and torch.is_grad_enabled():
+            # Selective recompute (Korthikanti et al. 2022): keep q, k, v, recompute the core.
+            out = torch.utils.checkpoint.checkpoint(
+                self.core_attention, q, k, v, dropout_p, use_reentrant=False,
+                context_fn=checkpoint_context_fn(self.rng_tracker) if self.rng_tracker else noop_context_fn)
+        else:
+            out = self.core_attention(q, k, v, dropout_p)
         return self.linear_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v with the causal mask: [b, s, nq, d] -> [b, s, nq, d]."""
+        if self.rng_tracker is not None and dropout_p > 0:
+            with self.rng_tracker.fork():
+                return attention(q, k, v, causal=True, dropout_p=dropout_p, backend=self.backend)
+        return attention(q, k, v, causal=True, dropout_p=dropout_p, backend=self.backend)

@@ -8,7 +8,20 @@ Layout of `--save DIR`:
     DIR/iter_0000100/model.safetensors        model weights (no pickle)
     DIR/iter_0000100/optimizer.pt             optimizer, LR scheduler and loss-scaler state
     DIR/iter_0000100/rng/rank_00000.pt        python / numpy / torch / cuda RNG states of each rank
+                                              (and its tensor-parallel RNG tracker's states)
     DIR/iter_0000100/tokenizer/               copies of the tokenizer files named by the config
+
+A model-parallel run (tensor- or pipeline-parallel size above 1) writes one shard per
+model-parallel rank instead of the two files at the top, as Megatron-LM does:
+
+    DIR/iter_0000100/mp_rank_TT_PPP/model.safetensors    that rank's weights, full-model names
+    DIR/iter_0000100/mp_rank_TT_PPP/optimizer.pt         that rank's optimizer state
+
+The metadata's `layout` records the tensor / pipeline / virtual-pipeline sizes. A checkpoint loads
+only into the same layout (the data-parallel size may change: optimizer states are stored whole,
+keyed by parameter name); `tools/convert_checkpoint.py --loader megalm --saver megalm
+--target-tensor-parallel-size N --target-pipeline-parallel-size M` reshards it
+(`megalm.convert.reshard`).
 
 A checkpoint is written under `iter_XXXXXXX.tmp`, renamed once every rank has finished, and only
 then does the `latest` pointer move (itself written to a temporary file and renamed), so a crash at
@@ -40,11 +53,45 @@ ARCHITECTURE_FIELDS = (
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
     "kv_channels", "padded_vocab_size", "position_embedding_type", "normalization", "swiglu",
     "add_bias_linear", "add_qkv_bias", "untie_embeddings_and_output_weights",
+    "rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
+    "rope_scaling_original_max_position",
+    "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
 )
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+class LayoutMismatchError(CheckpointError):
+    """A checkpoint saved under another tensor / pipeline-parallel layout than the run's."""
+
+
+LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size")
+
+
+def shard_dir(tensor_model_parallel_rank: int, pipeline_model_parallel_rank: int) -> str:
+    return f"mp_rank_{tensor_model_parallel_rank:02d}_{pipeline_model_parallel_rank:03d}"
+
+
+def check_layout(saved: dict, layout: dict, path: str) -> None:
+    """Stop with the resharding command when `saved` (a metadata layout) differs from `layout`."""
+    theirs = [saved.get(k, 1) for k in LAYOUT_KEYS]
+    ours = [layout.get(k, 1) for k in LAYOUT_KEYS]
+    if theirs == ours:
+        return
+    def describe(sizes):
+        return f"TP={sizes[0]}, PP={sizes[1]}" + (f", virtual PP={sizes[2]}" if sizes[2] > 1 else "")
+    root = os.path.dirname(os.path.normpath(path))
+    vp = ("" if ours[2] == 1 else " --target-num-layers-per-virtual-pipeline-stage "
+          "(your --num-layers-per-virtual-pipeline-stage)")
+    raise LayoutMismatchError(
+        f"{path} was saved with {describe(theirs)}; this run uses {describe(ours)}. Reshard it first:\n"
+        f"  python tools/convert_checkpoint.py --loader megalm --saver megalm --load-dir {root} "
+        f"--save-dir {root}_tp{ours[0]}_pp{ours[1]} --target-tensor-parallel-size {ours[0]} "
+        f"--target-pipeline-parallel-size {ours[1]}{vp}\n"
+        f"then resume with --load {root}_tp{ours[0]}_pp{ours[1]} (or run with the checkpoint's "
+        f"--tensor-model-parallel-size / --pipeline-model-parallel-size)")
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -60,7 +107,7 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> dict:
+def rng_state(tracker=None) -> dict:
     py = random.getstate()
     np_state = np.random.get_state()
     state = {
@@ -71,10 +118,12 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
+    if tracker is not None and tracker.states:
+        state["tracker"] = tracker.get_states()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, tracker=None) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
@@ -82,6 +131,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    if tracker is not None and "tracker" in state:
+        tracker.set_states(state["tracker"])
 
 
 def _copy_tokenizer_files(config: Config, dest: str) -> None:
@@ -95,15 +146,17 @@ def _copy_tokenizer_files(config: Config, dest: str) -> None:
             shutil.copy2(path, os.path.join(dest, "tokenizer", os.path.basename(path)))
 
 
-def save_checkpoint(root: str, iteration: int, model: torch.nn.Module, config: Config,
+def save_checkpoint(root: str, iteration: int, model, config: Config,
                     optimizer=None, scheduler=None, scaler=None, consumed_samples: int = 0,
                     state: Optional[ParallelState] = None) -> str:
     """Write the checkpoint of `iteration` under `root`; every rank must call it.
 
-    Without an optimizer the checkpoint holds weights only (as converters write it); such a
-    checkpoint starts a new run with --finetune.
+    `model` is a module or this rank's list of pipeline chunks. Without an optimizer the checkpoint
+    holds weights only (as converters write it); such a checkpoint starts a new run with --finetune.
     """
     state = state or ParallelState()
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    sharded = state.model_parallel
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
     if state.is_main:
@@ -113,13 +166,19 @@ def save_checkpoint(root: str, iteration: int, model: torch.nn.Module, config: C
         os.makedirs(os.path.join(tmp, "rng"))
     state.barrier()
 
-    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{state.rank:05d}.pt"))
-    if state.is_main:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "megalm"})
+    torch.save(rng_state(state.rng_tracker), os.path.join(tmp, "rng", f"rank_{state.rank:05d}.pt"))
+    # Every rank takes part: the distributed optimizer gathers its shards over data parallelism.
+    optimizer_state = optimizer.state_dict() if optimizer is not None else None
+    if state.data_parallel_rank == 0:  # one writer per model-parallel rank
+        dest = os.path.join(tmp, shard_dir(state.tensor_model_parallel_rank, state.pipeline_model_parallel_rank)) \
+            if sharded else tmp
+        os.makedirs(dest, exist_ok=True)
+        weights = {k: v.detach().contiguous().cpu() for chunk in chunks for k, v in chunk.state_dict().items()}
+        save_file(weights, os.path.join(dest, "model.safetensors"), metadata={"format": "megalm"})
         if optimizer is not None:
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "loss_scaler": scaler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                        "loss_scaler": scaler.state_dict()}, os.path.join(dest, "optimizer.pt"))
+    if state.is_main:
         _copy_tokenizer_files(config, tmp)
     state.barrier()
 
@@ -134,10 +193,7 @@ def save_checkpoint(root: str, iteration: int, model: torch.nn.Module, config: C
             "iteration": iteration,
             "consumed_samples": consumed_samples,
             "config": config.to_dict(),
-            "layout": {"tensor_model_parallel_size": state.tensor_model_parallel_size,
-                       "pipeline_model_parallel_size": state.pipeline_model_parallel_size,
-                       "data_parallel_size": state.data_parallel_size,
-                       "world_size": state.world_size},
+            "layout": dict(state.layout(), sharded=sharded),
             "files": sizes,
         }
         _atomic_write_text(os.path.join(tmp, "metadata.json"), json.dumps(metadata, indent=1))
@@ -171,21 +227,30 @@ def _read_metadata(path: str) -> dict:
     return meta
 
 
-def read_checkpoint(path: str, rank: int = 0) -> dict:
+def read_checkpoint(path: str, rank: int = 0, model_parallel_rank: tuple = (0, 0),
+                    layout: Optional[dict] = None) -> dict:
     """Load and check every part of one checkpoint directory into memory (CPU tensors).
 
+    `model_parallel_rank` (tensor, pipeline) picks the shard of a model-parallel checkpoint; with
+    `layout` (`ParallelState.layout()`), a checkpoint of another layout raises LayoutMismatchError.
     Returns {"metadata", "model" (name -> tensor), "optimizer" (None for weights only),
-    "rng" (None when this rank has none), "path"}.
+    "rng" (None when this rank has none), "path", "model_path"}.
     """
     meta = _read_metadata(path)
-    model_path = os.path.join(path, "model.safetensors")
+    if layout is not None:
+        check_layout(meta.get("layout", {}), layout, path)
+    if meta.get("layout", {}).get("sharded"):
+        path_of_shard = os.path.join(path, shard_dir(*model_parallel_rank))
+    else:
+        path_of_shard = path
+    model_path = os.path.join(path_of_shard, "model.safetensors")
     try:
         weights = load_file(model_path)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{model_path} is corrupt ({e})") from e
-    opt_path = os.path.join(path, "optimizer.pt")
+    opt_path = os.path.join(path_of_shard, "optimizer.pt")
     optim = None
-    if "optimizer.pt" in meta["files"]:
+    if os.path.relpath(opt_path, path) in meta["files"]:
         try:
             optim = torch.load(opt_path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for a bad archive
@@ -197,7 +262,8 @@ def read_checkpoint(path: str, rank: int = 0) -> dict:
             rng = torch.load(rng_path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{rng_path} is corrupt ({type(e).__name__}: {e})") from e
-    return {"metadata": meta, "model": weights, "optimizer": optim, "rng": rng, "path": path}
+    return {"metadata": meta, "model": weights, "optimizer": optim, "rng": rng, "path": path,
+            "model_path": model_path}
 
 
 def list_checkpoints(root: str) -> list:
@@ -211,11 +277,13 @@ def list_checkpoints(root: str) -> list:
     return sorted(its, reverse=True)
 
 
-def find_checkpoint(root: str, rank: int = 0, fallback: bool = False, log=print) -> Optional[dict]:
+def find_checkpoint(root: str, rank: int = 0, fallback: bool = False, log=print,
+                    model_parallel_rank: tuple = (0, 0), layout: Optional[dict] = None) -> Optional[dict]:
     """The latest checkpoint under `root`, read and verified; None when there is none.
 
     With `fallback`, an unreadable latest checkpoint is reported and older ones are tried in turn;
-    without it the error stops the run so that nothing is silently skipped.
+    without it the error stops the run so that nothing is silently skipped. A layout mismatch
+    always stops (see `read_checkpoint`).
     """
     tracker = os.path.join(root, TRACKER)
     candidates = list_checkpoints(root)
@@ -233,7 +301,9 @@ def find_checkpoint(root: str, rank: int = 0, fallback: bool = False, log=print)
     errors = []
     for iteration in candidates:
         try:
-            return read_checkpoint(iteration_dir(root, iteration), rank)
+            return read_checkpoint(iteration_dir(root, iteration), rank, model_parallel_rank, layout)
+        except LayoutMismatchError:
+            raise
         except CheckpointError as e:
             if not fallback:
                 raise CheckpointError(f"{e}. Pass --load-fallback to resume from the newest readable "

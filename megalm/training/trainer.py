@@ -2,7 +2,7 @@
 
 A training script supplies three functions and calls `pretrain`:
 
-    model_provider(config) -> torch.nn.Module
+    model_provider(config, parallel_state, virtual_stage) -> torch.nn.Module
     datasets_provider(config, num_samples: (train, valid, test)) -> (train, valid, test) datasets
     forward_step(batch, model) -> scalar loss (mean over the micro-batch's tokens)
 
@@ -10,11 +10,17 @@ One iteration is one optimizer step over the global batch: `num_microbatches` fo
 passes per data-parallel rank, each on `micro_batch_size` samples, with gradients accumulated
 locally and averaged over ranks during the last backward pass. Samples are addressed by a single
 counter, `consumed_samples`, so the data position of a resumed run is one integer.
+
+Model parallelism changes what one process holds, not the loop: the model provider builds this
+rank's tensor-parallel shard of its pipeline stage (one model chunk per virtual stage), the
+micro-batches go through the pipeline schedule of `megalm.parallel.pipeline`, the gradient norm is
+global (`megalm.parallel.clip_grads`), and the last pipeline stage's loss is sent to rank 0 to be
+logged. A provider that takes only `config` still works without model parallelism.
 """
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import math
 import signal
 import time
@@ -24,13 +30,17 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from megalm.config import Config
+from megalm.model.moe import moe_log, moe_statistics
+from megalm.parallel import pipeline
 from megalm.parallel import state as parallel_state
+from megalm.parallel.clip_grads import clip_grad_norm
 from megalm.parallel.data_parallel import DistributedDataParallel
+from megalm.parallel.distributed_optimizer import build_parallel_optimizer
+from megalm.parallel.random import model_parallel_seed
 from megalm.parallel.state import ParallelState
 from megalm.training import checkpoint as ckpt
 from megalm.training.metrics import MetricsLogger, Throughput, human, peak_flops, peak_memory_bytes
-from megalm.training.optimizer import build_optimizer
-from megalm.training.precision import autocast, build_loss_scaler, compute_dtype, unscale_and_clip
+from megalm.training.precision import autocast, build_loss_scaler, compute_dtype
 from megalm.training.schedule import LRScheduler
 
 # Steps in a row whose gradients were not finite before the run is stopped (fp32/bf16, or fp16
@@ -155,7 +165,8 @@ class Trainer:
         self.config = config
         self.state = state or parallel_state.initialize(config.train.device,
                                                         config.parallel.distributed_backend,
-                                                        config.parallel.distributed_timeout_minutes)
+                                                        config.parallel.distributed_timeout_minutes,
+                                                        config.parallel, config.model.num_layers)
         config.validate(self.state.data_parallel_size)
         t, st = config.train, self.state
         kwargs = {} if log_stream is None else {"stream": log_stream}
@@ -165,18 +176,25 @@ class Trainer:
         self.dtype = compute_dtype(t)
 
         seed_everything(t.seed)
-        model = model_provider(config).to(st.device)
-        self.model = model
-        self.optimizer = build_optimizer(model, config.optim, st.device)
+        self.chunks = self._build_model(model_provider)
+        self.model = self.chunks[0]
+        # Dropout streams: per pipeline stage, and per tensor-parallel rank where tensors are split.
+        model_parallel_seed(t.seed, st.rng_tracker, st.tensor_model_parallel_rank, st.tensor_model_parallel_size,
+                            st.pipeline_model_parallel_rank, st.device.type)
+        self.train_state = TrainState()
+        found = self._load_weights()
+        p = config.parallel
+        self.ddps = [DistributedDataParallel(chunk, st, p.ddp_bucket_size, p.overlap_grad_reduce,
+                                             p.use_distributed_optimizer) for chunk in self.chunks]
+        self.optimizer = build_parallel_optimizer(self.chunks, self.ddps, config.optim, st,
+                                                  p.use_distributed_optimizer)
         self.scheduler = LRScheduler(self.optimizer, config.optim)
         self.scaler = build_loss_scaler(t, config.optim)
-        self.train_state = TrainState()
-        self._load()
-        self.ddp = DistributedDataParallel(model, st.data_parallel_group, config.parallel.ddp_bucket_size,
-                                           config.parallel.overlap_grad_reduce)
+        self._load_training_state(found)
         if self.train_state.iteration == 0:
-            self.ddp.broadcast_params()
-        self.compiled = torch.compile(self.ddp) if t.compile else self.ddp
+            for ddp in self.ddps:
+                ddp.broadcast_params()
+        self.compiled = [torch.compile(ddp) if t.compile else ddp for ddp in self.ddps]
 
         # Every evaluation reads the same first eval_iters micro-batches of its split.
         eval_samples = t.eval_iters * t.micro_batch_size * st.data_parallel_size
@@ -186,20 +204,52 @@ class Trainer:
 
     # -- set-up helpers
 
-    def _load(self) -> None:
-        t = self.config.train
+    def _build_model(self, model_provider: Callable) -> list:
+        """This rank's model chunks (one per virtual pipeline stage), on the device."""
+        st, c = self.state, self.config
+        takes_state = len(inspect.signature(model_provider).parameters) >= 3
+        if not takes_state:
+            if st.model_parallel or c.parallel.recompute_granularity:
+                raise TrainingError("model parallelism and activation recompute need a model provider "
+                                    "with the signature model_provider(config, parallel_state, virtual_stage) "
+                                    "(see pretrain_gpt.py)")
+            return [model_provider(c).to(st.device)]
+        chunks = []
+        for v in range(st.virtual_pipeline_model_parallel_size):
+            # Every chunk starts from the same generator state, as the whole model would: each part
+            # then takes the initial weights it has in the single-process model.
+            torch.manual_seed(c.train.seed)
+            chunks.append(model_provider(c, st, v).to(st.device))
+        return chunks
+
+    def _load_weights(self) -> Optional[dict]:
+        """The weights of --load's latest checkpoint into the model chunks; the checkpoint, or None."""
+        t, st = self.config.train, self.state
         if not t.load:
-            return
-        found = ckpt.find_checkpoint(t.load, self.state.rank, fallback=t.load_fallback, log=self.log.print)
+            return None
+        found = ckpt.find_checkpoint(t.load, st.rank, fallback=t.load_fallback, log=self.log.print,
+                                     layout=st.layout(),
+                                     model_parallel_rank=(st.tensor_model_parallel_rank, st.pipeline_model_parallel_rank))
         if found is None:
             self.log.print(f"no checkpoint in {t.load}: starting from scratch")
+            return None
+        ckpt.check_architecture(found["metadata"]["config"], self.config, found["path"])
+        weights, missing = dict(found["model"]), []
+        for chunk in self.chunks:
+            own = chunk.state_dict()
+            missing += [k for k in own if k not in weights]
+            chunk.load_state_dict({k: weights.pop(k) for k in own if k in weights}, strict=False)
+        if missing or weights:
+            raise ckpt.CheckpointError(f"{found['model_path']} does not match the model: "
+                                       f"missing {missing}, unexpected {sorted(weights)}")
+        return found
+
+    def _load_training_state(self, found: Optional[dict]) -> None:
+        """Optimizer, scheduler, loss scale, RNG and data position of a resumed run."""
+        t = self.config.train
+        if found is None:
             return
         meta = found["metadata"]
-        ckpt.check_architecture(meta["config"], self.config, found["path"])
-        missing, unexpected = self.model.load_state_dict(found["model"], strict=False)
-        if missing or unexpected:
-            raise ckpt.CheckpointError(f"{found['path']}/model.safetensors does not match the model: "
-                                       f"missing {missing}, unexpected {unexpected}")
         if t.finetune:
             self.log.print(f"loaded weights from {found['path']} (finetune: iteration 0, fresh optimizer)")
             return
@@ -215,7 +265,7 @@ class Trainer:
                 self.log.print(f"warning: {found['path']} has no RNG state for rank {self.state.rank} "
                                f"(saved with {meta['layout']['world_size']} ranks); RNG not restored")
             else:
-                ckpt.set_rng_state(found["rng"])
+                ckpt.set_rng_state(found["rng"], self.state.rng_tracker)
         saved_mbs = meta["config"]["train"]["global_batch_size"]
         if saved_mbs != t.global_batch_size:
             self.log.print(f"note: global batch size changed from {saved_mbs} to {t.global_batch_size}")
@@ -227,44 +277,85 @@ class Trainer:
     def _describe(self) -> None:
         c, st = self.config, self.state
         from megalm import kernels
-        n = self.model.num_parameters() if hasattr(self.model, "num_parameters") else \
-            sum(p.numel() for p in self.model.parameters())
-        self.log.print(f"megalm: {human(n)} parameters | {st.world_size} process(es), data-parallel "
-                       f"{st.data_parallel_size} | device {st.device} | dtype {str(self.dtype)[6:]} | "
+        n = sum(p.numel() for chunk in self.chunks for p in chunk.parameters())
+        where = "" if not st.model_parallel and st.expert_model_parallel_size == 1 else " on rank 0"
+        layout = "" if not st.model_parallel else (
+            f", tensor-parallel {st.tensor_model_parallel_size}, pipeline-parallel "
+            f"{st.pipeline_model_parallel_size}" + (f" x {st.virtual_pipeline_model_parallel_size} virtual"
+                                                   if st.virtual_pipeline_model_parallel_size > 1 else ""))
+        if st.expert_model_parallel_size > 1:
+            layout += f", expert-parallel {st.expert_model_parallel_size}"
+        self.log.print(f"megalm: {human(n)} parameters{where} | {st.world_size} process(es), data-parallel "
+                       f"{st.data_parallel_size}{layout} | device {st.device} | dtype {str(self.dtype)[6:]} | "
                        f"global batch {c.train.global_batch_size} = micro {c.train.micro_batch_size} x "
                        f"accumulation {self.num_microbatches} x dp {st.data_parallel_size} | "
                        f"{c.train.train_iters} iterations")
+        self.log.print(self._memory_line())
         paths = kernels.describe(st.device, c.model)
         self.log.print("kernels: " + ", ".join(f"{op}={path}" for op, path in paths.items()))
+
+    def _memory_line(self) -> str:
+        """Model-state memory of this rank: weights, gradient buffers, optimizer moments (the latter
+        allocated at the first step; a data-parallel share of them with the distributed optimizer)."""
+        weights = sum(p.numel() * p.element_size() for chunk in self.chunks for p in chunk.parameters())
+        grads = sum(b.grad.numel() * b.grad.element_size() + (0 if b.grad_shard is None or b.grad_shard is b.grad
+                                                               else b.grad_shard.numel() * b.grad_shard.element_size())
+                    for ddp in self.ddps for b in ddp.buckets)
+        moments = 1 if self.config.optim.optimizer == "lion" else 2
+        updated = sum(p.numel() * p.element_size() for g in self.optimizer.param_groups for p in g["params"])
+        sharded = " (sharded over data parallelism)" if self.config.parallel.use_distributed_optimizer else ""
+        def size(n: float) -> str:
+            return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+        return (f"memory per rank (rank {self.state.rank}): weights {size(weights)} | gradients {size(grads)} | "
+                f"optimizer state {size(moments * updated)}{sharded}")
 
     # -- one step
 
     def train_step(self, data: Iterator[dict]) -> tuple:
         """Forward/backward over the global batch and one optimizer step (or a skipped one)."""
-        self.ddp.zero_grad_buffer()
-        losses = []
-        for micro in range(self.num_microbatches):
-            batch = next(data)
-            last = micro == self.num_microbatches - 1
-            with (contextlib.nullcontext() if last else self.ddp.no_sync()):
-                with autocast(self.state.device, self.dtype):
-                    loss = self.forward_step(batch, self.compiled)
-                (loss.float() * (self.scaler.scale / self.num_microbatches)).backward()
-            losses.append(loss.detach().float())
-        self.ddp.finish_grad_sync()
+        for ddp in self.ddps:
+            ddp.zero_grad_buffer()
+        batches = [next(data) for _ in range(self.num_microbatches)]
+        losses = self._forward_backward(batches, self.compiled, forward_only=False)
+        for ddp in self.ddps:
+            ddp.finish_grad_sync()
         lr = self.scheduler.step()
-        grad_norm, found_inf = unscale_and_clip(self.model.parameters(), 1.0 / self.scaler.scale,
-                                                self.config.optim.clip_grad)
+        grads, counted = self.optimizer.grads_for_clipping()
+        grad_norm, found_inf = clip_grad_norm(grads, counted, 1.0 / self.scaler.scale, self.config.optim.clip_grad,
+                                              self.optimizer.norm_group, self.state.device)
         self.scaler.update(found_inf)
         if not found_inf:
             self.optimizer.step()
-        return torch.stack(losses).mean(), grad_norm, found_inf, lr
+        # Only the last pipeline stage computes the loss; the others report 0 until `_dp_mean`.
+        loss = torch.stack(losses).mean() if losses else torch.zeros((), device=self.state.device)
+        return loss, grad_norm, found_inf, lr
+
+    def _forward_backward(self, batches: list, models: list, forward_only: bool) -> list:
+        """The micro-batches through the pipeline schedule (plain accumulation without pipelining)."""
+        st, c = self.state, self.config
+
+        def step(chunk: int, micro: int, input_tensor: Optional[torch.Tensor]) -> torch.Tensor:
+            if input_tensor is not None:
+                self.chunks[chunk].set_input_tensor(input_tensor)
+            with autocast(st.device, self.dtype):
+                return self.forward_step(batches[micro], models[chunk])
+
+        seq = c.model.seq_length // (st.tensor_model_parallel_size if st.sequence_parallel else 1)
+        return pipeline.forward_backward(
+            step, len(batches), st, (c.train.micro_batch_size, seq, c.model.hidden_size),
+            grad_scale=self.scaler.scale / len(batches), no_sync=lambda chunk: self.ddps[chunk].no_sync(),
+            forward_only=forward_only)
 
     def _dp_mean(self, value: torch.Tensor) -> float:
-        if self.state.distributed:
+        """The data-parallel mean of a loss, known on every rank (sent from the last pipeline stage)."""
+        st = self.state
+        if st.distributed:
             value = value.clone()
-            torch.distributed.all_reduce(value, group=self.state.data_parallel_group)
-            value /= self.state.data_parallel_size
+            if st.data_parallel_size > 1:
+                torch.distributed.all_reduce(value, group=st.data_parallel_group)
+                value /= st.data_parallel_size
+            if st.pipeline_model_parallel_size > 1:
+                torch.distributed.broadcast(value, src=st.last_stage_rank, group=st.pipeline_model_parallel_group)
         return value.item()
 
     @torch.no_grad()
@@ -272,19 +363,17 @@ class Trainer:
         t = self.config.train
         if dataset is None or t.eval_iters <= 0:
             return None
-        self.model.eval()
+        for chunk in self.chunks:
+            chunk.eval()
         data = build_data_iterator(dataset, 0, self.config, self.state,
                                    total_samples=t.eval_iters * t.micro_batch_size * self.state.data_parallel_size)
-        total = torch.zeros((), device=self.state.device)
-        count = 0
-        for batch in data:
-            with autocast(self.state.device, self.dtype):
-                total += self.forward_step(batch, self.model).float()
-            count += 1
-        self.model.train()
-        if count == 0:
+        batches = list(data)
+        losses = self._forward_backward(batches, self.chunks, forward_only=True) if batches else []
+        for chunk in self.chunks:
+            chunk.train()
+        if not batches:
             return None
-        loss = self._dp_mean(total / count)
+        loss = self._dp_mean(torch.stack(losses).mean() if losses else torch.zeros((), device=self.state.device))
         it = self.train_state.iteration
         self.log.print(f"{name} at iteration {it} | loss {loss:.4f} | ppl {_ppl(loss):.2f}")
         self.log.scalars({f"{name}/loss": loss, f"{name}/ppl": _ppl(loss)}, it)
@@ -295,7 +384,7 @@ class Trainer:
         if not t.save:
             return
         start = time.perf_counter()
-        path = ckpt.save_checkpoint(t.save, self.train_state.iteration, self.model, self.config,
+        path = ckpt.save_checkpoint(t.save, self.train_state.iteration, self.chunks, self.config,
                                     self.optimizer, self.scheduler, self.scaler,
                                     self.train_state.consumed_samples, self.state)
         self.log.print(f"saved checkpoint {path} in {time.perf_counter() - start:.1f}s")
@@ -306,7 +395,8 @@ class Trainer:
         c, t, st, ts = self.config, self.config.train, self.state, self.train_state
         train_ds, valid_ds, test_ds = self.datasets
         data = build_data_iterator(train_ds, ts.consumed_samples, c, st)
-        self.model.train()
+        for chunk in self.chunks:
+            chunk.train()
         timer = Throughput(st.device)
         flops_per_token = self.model.flops_per_token() if hasattr(self.model, "flops_per_token") else None
         peak = peak_flops(st.device, self.dtype, t.peak_flops)
@@ -355,6 +445,11 @@ class Trainer:
                     mem = peak_memory_bytes(st.device)
                     values["train/peak_memory_gb"] = mem / 2**30
                     line += f" | mem {mem / 2**30:.2f} GB"
+                    moe = moe_statistics(self.chunks, st.data_parallel_group if st.distributed else None)
+                    if moe is not None:  # expert load and router losses (megalm.model.moe)
+                        moe_line, moe_scalars = moe_log(moe)
+                        line += f" | {moe_line}"
+                        values.update(moe_scalars)
                     self.log.print(line)
                     self.log.scalars(values, ts.iteration)
                     ts.history.append((ts.iteration, mean_loss))
