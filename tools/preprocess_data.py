@@ -96,24 +96,12 @@ def _encode_batch(batch):
     return out
 
 
-def _batches(records, max_bytes=1 << 20, max_records=1024):
-    batch, size = [], 0
-    for raw in records:
-        batch.append(raw)
-        size += raw.size
-        if size >= max_bytes or len(batch) >= max_records:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def main(argv=None) -> int:
     from megalm.data.corpus import check_inputs, iter_raw
     from megalm.data.errors import DataError
     from megalm.data.indexed_dataset import IndexedDatasetBuilder
     from megalm.data.progress import Progress, total_bytes
-    from megalm.data.workers import ordered_map, worker_pool
+    from megalm.data.workers import batches_by_size, ordered_map, worker_pool
 
     args = parse_args(argv)
     check_inputs(args.input)
@@ -130,7 +118,7 @@ def main(argv=None) -> int:
     stats = {"documents": 0, "tokens": 0, "malformed": 0}
     start = time.perf_counter()
     try:
-        batches = _batches(iter_raw(args.input, args.text_sample_by))
+        batches = batches_by_size(iter_raw(args.input, args.text_sample_by), max_records=1024)
         with worker_pool(args.workers, _init_worker if args.workers > 1 else None, (args,)) as pool, \
                 Progress("tokenizing", total_bytes(args.input), enabled=False if args.no_progress else None) as bar:
             for result in ordered_map(pool, _encode_batch, batches):

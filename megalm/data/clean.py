@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 from megalm.data.cli import option
 from megalm.data.corpus import RawRecord, RecordError, iter_raw, parse_record
@@ -30,7 +30,7 @@ from megalm.data.errors import DataError
 from megalm.data.quality import RULES as QUALITY_RULES
 from megalm.data.quality import QualityConfig, check_quality
 from megalm.data.text import NORMAL_FORMS, normalize_text
-from megalm.data.workers import ordered_map, worker_pool
+from megalm.data.workers import batches_by_size, ordered_map, worker_pool
 
 
 @dataclass
@@ -121,18 +121,6 @@ def _process_batch(batch: list[RawRecord]) -> list[Outcome]:
     return [cleaner.process(raw) for raw in batch]
 
 
-def _batches(records: Iterator[RawRecord], max_bytes: int = 1 << 20, max_records: int = 256):
-    batch, size = [], 0
-    for raw in records:
-        batch.append(raw)
-        size += raw.size
-        if size >= max_bytes or len(batch) >= max_records:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def rule_names(config: CleanConfig) -> list[str]:
     """The removal reasons that can occur under `config`, in pipeline order."""
     names = ["malformed", "empty"]
@@ -179,7 +167,7 @@ def clean_corpus(inputs: Sequence[str], output: str, config: CleanConfig, qualit
     files = [open(tmp, "w", encoding="utf-8") for _, tmp in outputs]
     try:
         with worker_pool(workers, _init_worker, (config, quality)) as pool:
-            for outcomes in ordered_map(pool, _process_batch, _batches(iter_raw(inputs, config.text_sample_by))):
+            for outcomes in ordered_map(pool, _process_batch, batches_by_size(iter_raw(inputs, config.text_sample_by))):
                 for outcome in outcomes:
                     rule = outcome.rule
                     if rule == "missing_key":

@@ -43,3 +43,17 @@ def ordered_map(pool, fn: Callable, items: Iterable, window: int = 0) -> Iterato
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()
+
+
+def batches_by_size(records: Iterable, max_bytes: int = 1 << 20, max_records: int = 256) -> Iterator[list]:
+    """Group records (anything with a `.size` in bytes) into lists of about `max_bytes`, at most
+    `max_records` each: the unit of work sent to a pool worker."""
+    batch, size = [], 0
+    for record in records:
+        batch.append(record)
+        size += record.size
+        if size >= max_bytes or len(batch) >= max_records:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
