@@ -466,9 +466,6 @@ class Config:
                               "and data parallelism")
         if ep > 1 and p.use_distributed_optimizer:
             raise ConfigError("--expert-model-parallel-size > 1 does not support --use-distributed-optimizer yet")
-        if ep > 1 and (self.train.save or self.train.load):
-            raise ConfigError("--expert-model-parallel-size > 1 cannot --save / --load checkpoints yet (each "
-                              "rank holds other experts); train with --expert-model-parallel-size 1 to checkpoint")
 
     @property
     def virtual_pipeline_model_parallel_size(self) -> int:

@@ -320,7 +320,7 @@ def test_tensor_and_pipeline_parallel_checkpoints_convert_both_ways(llama_dir, t
     r = _cli("--loader", "hf", "--saver", "megalm", "--load-dir", llama_dir, "--save-dir", sharded,
              "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
     assert r.returncode == 0, r.stderr
-    assert saved_layout(sharded) == (2, 2)
+    assert saved_layout(sharded) == (2, 2, 1)
     # Export merges the shards: the Hugging Face tensors come back exactly.
     r = _cli("--loader", "megalm", "--saver", "hf", "--load-dir", sharded, "--save-dir", out)
     assert r.returncode == 0, r.stderr
@@ -330,7 +330,7 @@ def test_tensor_and_pipeline_parallel_checkpoints_convert_both_ways(llama_dir, t
     # megalm -> megalm reshards; the merged checkpoint loads for inference like any other.
     r = _cli("--loader", "megalm", "--saver", "megalm", "--load-dir", sharded, "--save-dir", merged)
     assert r.returncode == 0, r.stderr
-    assert saved_layout(merged) == (1, 1)
+    assert saved_layout(merged) == (1, 1, 1)
     a, b = load_megalm(sharded), load_megalm(merged)
     tokens = torch.randint(0, VOCAB, (1, 12))
     torch.testing.assert_close(a(tokens), b(tokens), rtol=0, atol=0)

@@ -5,13 +5,15 @@
     python tools/convert_checkpoint.py --loader megalm --saver hf --load-dir ckpt --save-dir hf_out
     python tools/convert_checkpoint.py --loader megalm --saver megalm --load-dir ckpt_tp2_pp2 \
         --save-dir ckpt_tp1 --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
+    python tools/convert_checkpoint.py --loader megalm --saver megalm --load-dir ckpt_ep2 \
+        --save-dir ckpt_ep1 --target-expert-model-parallel-size 1
 
 Supported: LlamaForCausalLM (Llama 2 and 3, grouped-query attention, Llama 3 rope scaling),
 MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel. A megalm checkpoint written here holds the
 weights only: train from it with `pretrain_gpt.py --load ckpt --finetune`. The Hugging Face
 directory written here loads with `AutoModelForCausalLM.from_pretrained` (and its tokenizer with
-`AutoTokenizer.from_pretrained`). A megalm checkpoint of any tensor / pipeline-parallel layout is
-merged on export; megalm -> megalm reshards to the target layout (optimizer state included, so
+`AutoTokenizer.from_pretrained`). A megalm checkpoint of any tensor / pipeline / expert-parallel
+layout is merged on export; megalm -> megalm reshards to the target layout (optimizer state included, so
 training resumes). See docs/INTEROP.md and docs/PARALLELISM.md.
 """
 
@@ -43,6 +45,8 @@ def parse_args(argv=None):
                         help="megalm saver: pipeline-parallel size of the checkpoint written.")
     parser.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
                         help="megalm saver: layers per virtual stage, for the interleaved schedule.")
+    parser.add_argument("--target-expert-model-parallel-size", type=int, default=1,
+                        help="megalm saver: expert-parallel size of the checkpoint written (MoE models).")
     parser.add_argument("--force", action="store_true", help="Write into --save-dir even if it exists.")
     parser.add_argument("--max-shard-size", default="5GB", help="hf saver: largest safetensors shard.")
     parser.add_argument("--hf-architecture", choices=sorted(ARCHITECTURES),
@@ -54,11 +58,11 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     layout = (args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
-              args.target_num_layers_per_virtual_pipeline_stage)
+              args.target_num_layers_per_virtual_pipeline_stage, args.target_expert_model_parallel_size)
     try:
         if args.loader == args.saver == "hf":
             raise ConversionError("--loader and --saver are both hf: nothing to convert")
-        if args.saver == "hf" and layout != (1, 1, None):
+        if args.saver == "hf" and layout != (1, 1, None, 1):
             raise ConversionError("--target-*-parallel-size and --target-num-layers-per-virtual-pipeline-stage "
                                   "describe a megalm output; a Hugging Face checkpoint is never sharded by layer")
         if args.loader == args.saver == "megalm":

@@ -83,17 +83,17 @@ def _check_tokenizer_size(tokenizer, rows: int, what: str) -> None:
 
 
 def hf_to_megalm(src: str, dst: str, force: bool = False, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                 layers_per_virtual_stage: Optional[int] = None, log=print) -> str:
+                 layers_per_virtual_stage: Optional[int] = None, expert_parallel: int = 1, log=print) -> str:
     """Convert the Hugging Face directory `src` into a megalm checkpoint under `dst`, sharded for
-    the given tensor / pipeline-parallel layout; returns the iteration directory written."""
+    the given tensor / pipeline / expert-parallel layout; returns the iteration directory written."""
     if os.path.exists(dst) and not force:
         raise ConversionError(f"output directory {dst} exists; choose another or pass --force to overwrite it")
-    if (tensor_parallel, pipeline_parallel, layers_per_virtual_stage) != (1, 1, None):
+    if (tensor_parallel, pipeline_parallel, layers_per_virtual_stage, expert_parallel) != (1, 1, None, 1):
         from megalm.convert.reshard import reshard
         with tempfile.TemporaryDirectory() as staging:
             single = hf_to_megalm(src, os.path.join(staging, "tp1_pp1"), log=log)
             return reshard(single, dst, tensor_parallel, pipeline_parallel, layers_per_virtual_stage,
-                           force=force, log=log)
+                           expert_parallel, force=force, log=log)
     hf = hf_files.read_json(os.path.join(src, "config.json"))
     arch = architecture_for_hf(hf)
     model_config = ModelConfig(**arch.model_config(hf))

@@ -21,13 +21,13 @@ from megalm.training.checkpoint import CheckpointError, find_checkpoint, read_ch
 def open_checkpoint(path: str) -> dict:
     """The checkpoint at `path` (root or iter_XXXXXXX), read and verified (see `read_checkpoint`).
 
-    A checkpoint saved with tensor or pipeline parallelism is merged into the full model (weights
-    only), so export and inference read every layout.
+    A checkpoint saved with tensor, pipeline or expert parallelism is merged into the full model
+    (weights only), so export and inference read every layout.
     """
     if not os.path.isdir(path):
         raise ConversionError(f"{path}: no such checkpoint directory")
     from megalm.convert.reshard import checkpoint_dir, merge, saved_layout
-    if saved_layout(path) != (1, 1):
+    if saved_layout(path) != (1, 1, 1):
         merged = merge(path)
         return {"metadata": merged["metadata"], "model": merged["weights"], "optimizer": None, "rng": None,
                 "path": checkpoint_dir(path)}

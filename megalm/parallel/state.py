@@ -142,6 +142,7 @@ class ParallelState:
         return {"tensor_model_parallel_size": self.tensor_model_parallel_size,
                 "pipeline_model_parallel_size": self.pipeline_model_parallel_size,
                 "virtual_pipeline_model_parallel_size": self.virtual_pipeline_model_parallel_size,
+                "expert_model_parallel_size": self.expert_model_parallel_size,
                 "data_parallel_size": self.data_parallel_size,
                 "world_size": self.world_size}
 

@@ -17,11 +17,18 @@ model-parallel rank instead of the two files at the top, as Megatron-LM does:
     DIR/iter_0000100/mp_rank_TT_PPP/model.safetensors    that rank's weights, full-model names
     DIR/iter_0000100/mp_rank_TT_PPP/optimizer.pt         that rank's optimizer state
 
-The metadata's `layout` records the tensor / pipeline / virtual-pipeline sizes. A checkpoint loads
-only into the same layout (the data-parallel size may change: optimizer states are stored whole,
-keyed by parameter name); `tools/convert_checkpoint.py --loader megalm --saver megalm
---target-tensor-parallel-size N --target-pipeline-parallel-size M` reshards it
-(`megalm.convert.reshard`).
+With expert parallelism (size above 1) the shard directory also carries the expert-parallel rank,
+`mp_rank_TT_PPP_EEE/` (Megatron-LM's name). Each holds that rank's whole state: the replicated
+weights and its own E / EP experts of every MoE layer (`experts.weight1` [E / EP, 2 x ffn, h], the
+experts numbered from EEE x E / EP), with their optimizer state. It is written by the first rank
+of its expert-data-parallel group, so each expert shard is written once; the replicated weights
+are stored EP times, as in Megatron-LM (the experts dominate an MoE model's size).
+
+The metadata's `layout` records the tensor / pipeline / virtual-pipeline / expert-parallel sizes.
+A checkpoint loads only into the same layout (the data-parallel size may change: optimizer states
+are stored whole, keyed by parameter name); `tools/convert_checkpoint.py --loader megalm --saver
+megalm --target-tensor-parallel-size N --target-pipeline-parallel-size M
+--target-expert-model-parallel-size K` reshards it (`megalm.convert.reshard`).
 
 A checkpoint is written under `iter_XXXXXXX.tmp`, renamed once every rank has finished, and only
 then does the `latest` pointer move (itself written to a temporary file and renamed), so a crash at
@@ -64,14 +71,18 @@ class CheckpointError(RuntimeError):
 
 
 class LayoutMismatchError(CheckpointError):
-    """A checkpoint saved under another tensor / pipeline-parallel layout than the run's."""
+    """A checkpoint saved under another tensor / pipeline / expert-parallel layout than the run's."""
 
 
-LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size")
+LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+               "expert_model_parallel_size")
 
 
-def shard_dir(tensor_model_parallel_rank: int, pipeline_model_parallel_rank: int) -> str:
-    return f"mp_rank_{tensor_model_parallel_rank:02d}_{pipeline_model_parallel_rank:03d}"
+def shard_dir(tensor_model_parallel_rank: int, pipeline_model_parallel_rank: int,
+              expert_model_parallel_rank: Optional[int] = None) -> str:
+    """`mp_rank_TT_PPP`, or `mp_rank_TT_PPP_EEE` with an expert-parallel rank (expert parallelism > 1)."""
+    name = f"mp_rank_{tensor_model_parallel_rank:02d}_{pipeline_model_parallel_rank:03d}"
+    return name if expert_model_parallel_rank is None else f"{name}_{expert_model_parallel_rank:03d}"
 
 
 def check_layout(saved: dict, layout: dict, path: str) -> None:
@@ -80,18 +91,23 @@ def check_layout(saved: dict, layout: dict, path: str) -> None:
     ours = [layout.get(k, 1) for k in LAYOUT_KEYS]
     if theirs == ours:
         return
+    expert = theirs[3] > 1 or ours[3] > 1  # named only for expert-parallel checkpoints or runs
     def describe(sizes):
-        return f"TP={sizes[0]}, PP={sizes[1]}" + (f", virtual PP={sizes[2]}" if sizes[2] > 1 else "")
+        return (f"TP={sizes[0]}, PP={sizes[1]}" + (f", virtual PP={sizes[2]}" if sizes[2] > 1 else "")
+                + (f", EP={sizes[3]}" if expert else ""))
     root = os.path.dirname(os.path.normpath(path))
     vp = ("" if ours[2] == 1 else " --target-num-layers-per-virtual-pipeline-stage "
           "(your --num-layers-per-virtual-pipeline-stage)")
+    ep = f" --target-expert-model-parallel-size {ours[3]}" if expert else ""
+    target = f"{root}_tp{ours[0]}_pp{ours[1]}" + (f"_ep{ours[3]}" if expert else "")
     raise LayoutMismatchError(
         f"{path} was saved with {describe(theirs)}; this run uses {describe(ours)}. Reshard it first:\n"
         f"  python tools/convert_checkpoint.py --loader megalm --saver megalm --load-dir {root} "
-        f"--save-dir {root}_tp{ours[0]}_pp{ours[1]} --target-tensor-parallel-size {ours[0]} "
-        f"--target-pipeline-parallel-size {ours[1]}{vp}\n"
-        f"then resume with --load {root}_tp{ours[0]}_pp{ours[1]} (or run with the checkpoint's "
-        f"--tensor-model-parallel-size / --pipeline-model-parallel-size)")
+        f"--save-dir {target} --target-tensor-parallel-size {ours[0]} "
+        f"--target-pipeline-parallel-size {ours[1]}{vp}{ep}\n"
+        f"then resume with --load {target} (or run with the checkpoint's "
+        f"--tensor-model-parallel-size / --pipeline-model-parallel-size"
+        + (" / --expert-model-parallel-size)" if expert else ")"))
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -156,7 +172,7 @@ def save_checkpoint(root: str, iteration: int, model, config: Config,
     """
     state = state or ParallelState()
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-    sharded = state.model_parallel
+    sharded = state.model_parallel or state.expert_model_parallel_size > 1
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
     if state.is_main:
@@ -169,9 +185,12 @@ def save_checkpoint(root: str, iteration: int, model, config: Config,
     torch.save(rng_state(state.rng_tracker), os.path.join(tmp, "rng", f"rank_{state.rank:05d}.pt"))
     # Every rank takes part: the distributed optimizer gathers its shards over data parallelism.
     optimizer_state = optimizer.state_dict() if optimizer is not None else None
-    if state.data_parallel_rank == 0:  # one writer per model-parallel rank
-        dest = os.path.join(tmp, shard_dir(state.tensor_model_parallel_rank, state.pipeline_model_parallel_rank)) \
-            if sharded else tmp
+    # One writer per model- and expert-parallel rank: the first rank of each expert-data-parallel
+    # group (data-parallel ranks 0 .. EP - 1, megalm.parallel.expert), data-parallel rank 0 without EP.
+    ep = state.expert_model_parallel_size
+    if state.data_parallel_rank < ep:
+        dest = os.path.join(tmp, shard_dir(state.tensor_model_parallel_rank, state.pipeline_model_parallel_rank,
+                                           state.expert_model_parallel_rank if ep > 1 else None)) if sharded else tmp
         os.makedirs(dest, exist_ok=True)
         weights = {k: v.detach().contiguous().cpu() for chunk in chunks for k, v in chunk.state_dict().items()}
         save_file(weights, os.path.join(dest, "model.safetensors"), metadata={"format": "megalm"})
@@ -231,16 +250,20 @@ def read_checkpoint(path: str, rank: int = 0, model_parallel_rank: tuple = (0, 0
                     layout: Optional[dict] = None) -> dict:
     """Load and check every part of one checkpoint directory into memory (CPU tensors).
 
-    `model_parallel_rank` (tensor, pipeline) picks the shard of a model-parallel checkpoint; with
-    `layout` (`ParallelState.layout()`), a checkpoint of another layout raises LayoutMismatchError.
+    `model_parallel_rank` (tensor, pipeline[, expert]) picks the shard of a model- or expert-parallel
+    checkpoint; with `layout` (`ParallelState.layout()`), a checkpoint of another layout raises
+    LayoutMismatchError.
     Returns {"metadata", "model" (name -> tensor), "optimizer" (None for weights only),
     "rng" (None when this rank has none), "path", "model_path"}.
     """
     meta = _read_metadata(path)
     if layout is not None:
         check_layout(meta.get("layout", {}), layout, path)
-    if meta.get("layout", {}).get("sharded"):
-        path_of_shard = os.path.join(path, shard_dir(*model_parallel_rank))
+    saved = meta.get("layout", {})
+    if saved.get("sharded"):
+        tensor_rank, pipeline_rank, *expert_rank = model_parallel_rank
+        expert = (expert_rank[0] if expert_rank else 0) if saved.get("expert_model_parallel_size", 1) > 1 else None
+        path_of_shard = os.path.join(path, shard_dir(tensor_rank, pipeline_rank, expert))
     else:
         path_of_shard = path
     model_path = os.path.join(path_of_shard, "model.safetensors")

@@ -229,7 +229,8 @@ class Trainer:
             return None
         found = ckpt.find_checkpoint(t.load, st.rank, fallback=t.load_fallback, log=self.log.print,
                                      layout=st.layout(),
-                                     model_parallel_rank=(st.tensor_model_parallel_rank, st.pipeline_model_parallel_rank))
+                                     model_parallel_rank=(st.tensor_model_parallel_rank, st.pipeline_model_parallel_rank,
+                                                          st.expert_model_parallel_rank))
         if found is None:
             self.log.print(f"no checkpoint in {t.load}: starting from scratch")
             return None
