@@ -35,7 +35,7 @@ def datasets_provider(config: Config, num_samples):
     if config.data.mock_data:
         from megalm.data.mock import MockGPTDataset
         vocab = config.model.padded_vocab_size if config.data.vocab_size is None else config.data.vocab_size
-        # Distinct seeds give the three splits distinct streams from the same chain.
+        # The three splits are distinct streams drawn from the same chain.
         return tuple(MockGPTDataset(vocab, config.model.seq_length, max(n, 1), config.train.seed,
                                     stream=split) if n > 0 else None
                      for split, n in enumerate(num_samples))
