@@ -206,6 +206,7 @@ def reshard(src_dir: str, dst_dir: str, target_tp: int = 1, target_pp: int = 1,
     par.expert_model_parallel_size = target_ep
     try:
         config._validate_parallel()
+        config._validate_moe()
     except ValueError as e:
         raise ConversionError(f"cannot reshard to this layout: {e}") from e
     if target_ep != 1 and (target_ep < 1 or not m.num_experts or m.num_experts % target_ep):

@@ -34,7 +34,7 @@ from megalm.kernels import cross_entropy, linear_cross_entropy
 from megalm.model.attention import KVCache, SelfAttention
 from megalm.model.init import normal_init
 from megalm.model.mlp import MLP
-from megalm.model.moe import MoELayer, moe_aux_loss
+from megalm.model.moe import AuxLossAutoScaler, MoELayer, moe_aux_loss
 from megalm.model.norm import build_norm
 from megalm.model.rope import RotaryEmbedding
 from megalm.parallel import mappings
@@ -245,16 +245,19 @@ class GPTModel(nn.Module):
         stage before the last returns its hidden states [b, s, h]."""
         h = self.hidden_states(tokens, kv_cache)
         if not self.post_process:
-            return h
-        if self.parallel.tensor_model_parallel_size > 1:
-            return self._tensor_parallel_output(h, labels)
+            aux = moe_aux_loss(self)  # reaches the gradient through the backward of the activations
+            return h if aux is None else AuxLossAutoScaler.apply(h, aux)
+        tensor_parallel = self.parallel.tensor_model_parallel_size > 1
         if labels is None:
-            return vocab_parallel_logits(h, self.output_weight)
-        h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-        if self._fuse_cross_entropy(h):
-            loss = linear_cross_entropy(h, self.output_weight, labels, ignore_index=IGNORE_INDEX)
+            return self._tensor_parallel_output(h, None) if tensor_parallel else vocab_parallel_logits(h, self.output_weight)
+        if tensor_parallel:
+            loss = self._tensor_parallel_output(h, labels)
         else:
-            loss = cross_entropy(vocab_parallel_logits(h, self.output_weight), labels, ignore_index=IGNORE_INDEX)
+            h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+            if self._fuse_cross_entropy(h):
+                loss = linear_cross_entropy(h, self.output_weight, labels, ignore_index=IGNORE_INDEX)
+            else:
+                loss = cross_entropy(vocab_parallel_logits(h, self.output_weight), labels, ignore_index=IGNORE_INDEX)
         # MoE: the layers' load-balancing and z losses of this forward (training only) join the
         # loss, so they are averaged over micro-batches and data-parallel ranks as it is.
         aux = moe_aux_loss(self)

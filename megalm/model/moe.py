@@ -17,6 +17,8 @@ DeepSeek-MoE's layer (Dai et al., 2024), which contains Mixtral's and Switch's a
 - Combine: each token's expert outputs, weighted by its routing weights (`megalm.kernels.unpermute`).
 - Shared experts: a dense SwiGLU MLP of `--moe-shared-expert-intermediate-size` every token uses,
   optionally scaled by a per-token sigmoid gate (`--moe-shared-expert-gate`, Qwen2-MoE).
+- Tensor parallelism: each expert split like the dense MLP (fc1 by output features, fc2 by input
+  features), the router replicated and run on all the tokens (see `MoELayer.forward`).
 
 Training losses, per MoE layer, computed on this rank's tokens of the micro-batch:
 
@@ -25,7 +27,8 @@ Training losses, per MoE layer, computed on this rank's tokens of the micro-batc
 
 (Switch Transformer / GShard; ST-MoE). With sigmoid scores P uses the scores normalised to sum to 1
 per token. The model adds them to the language-model loss (`GPTModel.forward`), so they are
-averaged over micro-batches and data-parallel ranks exactly as the loss is. Each layer also keeps
+averaged over micro-batches and data-parallel ranks exactly as the loss is; a pipeline stage before
+the last attaches them to its output activations instead (`AuxLossAutoScaler`). Each layer also keeps
 statistics for the logs (`moe_statistics`): tokens per expert, aux and z losses, dropped
 assignments, summed since the last read.
 """
@@ -43,7 +46,9 @@ from megalm.config import ModelConfig
 from megalm.kernels import expert_rows, grouped_gemm, permute, swiglu, topk_router, unpermute
 from megalm.model.init import normal_init, scaled_init
 from megalm.model.mlp import MLP
+from megalm.parallel import mappings
 from megalm.parallel.state import ParallelState
+from megalm.parallel.tensor import mark_sequence_parallel, mark_sharded, shard
 
 
 def load_balancing_loss(scores: torch.Tensor, indices: torch.Tensor, num_experts: int,
@@ -85,16 +90,25 @@ class GroupedExperts(nn.Module):
     expert-parallel model holds exactly the experts of the single-process one.
     """
 
-    def __init__(self, config: ModelConfig, num_local: int, first_expert: int = 0):
+    def __init__(self, config: ModelConfig, num_local: int, first_expert: int = 0,
+                 parallel: Optional[ParallelState] = None):
         super().__init__()
+        parallel = parallel or ParallelState()
         e, h, f = config.num_experts, config.hidden_size, config.moe_ffn_size
+        tp, tp_rank = parallel.tensor_model_parallel_size, parallel.tensor_model_parallel_rank
+        if f % tp:
+            raise ValueError(f"the expert hidden size ({f}) is not divisible by the tensor-parallel size ({tp})")
         std = config.init_method_std
         weight1, weight2 = torch.empty(e, 2 * f, h), torch.empty(e, h, f)
         normal_init(std)(weight1)
         scaled_init(std, config.num_layers)(weight2)
         local = slice(first_expert, first_expert + num_local)
-        self.weight1 = nn.Parameter(weight1[local].clone())  # [E_local, 2 ffn, h], gate half first
-        self.weight2 = nn.Parameter(weight2[local].clone())  # [E_local, h, ffn]
+        # Expert tensor parallelism: each expert split like the dense MLP, fc1 by output features
+        # (gate and up halves split separately) and fc2 by input features.
+        self.weight1 = nn.Parameter(shard(weight1[local], 1, tp_rank, tp, stacked=2).clone())  # [E_local, 2 ffn / TP, h]
+        self.weight2 = nn.Parameter(shard(weight2[local], 2, tp_rank, tp).clone())  # [E_local, h, ffn / TP]
+        mark_sharded(self.weight1, 1, stacked=2)
+        mark_sharded(self.weight2, 2)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x [m, h], rows grouped by local expert (tokens_per_expert [E_local]) -> [m, h]."""
@@ -122,8 +136,10 @@ class MoELayer(nn.Module):
         self.expert_group = parallel.expert_model_parallel_group
         num_local = config.num_experts // self.expert_parallel
         ep_rank = parallel.expert_model_parallel_rank if self.expert_parallel > 1 else 0
+        self.tensor_group = parallel.tensor_model_parallel_group if parallel.tensor_model_parallel_size > 1 else None
+        self.sequence_parallel = parallel.sequence_parallel and self.tensor_group is not None
         self.router = TopKRouter(config)
-        self.experts = GroupedExperts(config, num_local, ep_rank * num_local)
+        self.experts = GroupedExperts(config, num_local, ep_rank * num_local, parallel)
         for p in self.experts.parameters():
             p.expert_parallel = True  # reduced over the expert-data-parallel group (megalm.parallel.expert)
         self.shared_experts = None
@@ -134,6 +150,7 @@ class MoELayer(nn.Module):
         if config.moe_shared_expert_gate and self.shared_experts is not None:
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)  # Qwen2-MoE
             normal_init(config.init_method_std)(self.shared_expert_gate.weight)
+            mark_sequence_parallel(self.shared_expert_gate, parallel)  # it sees this rank's sequence shard
         self.aux_loss: Optional[torch.Tensor] = None  # this forward's aux + z losses (training only)
         self.reset_statistics()
 
@@ -153,7 +170,15 @@ class MoELayer(nn.Module):
             s["dropped"] += dropped
         s["calls"] += 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, h]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, h] ([b, s / TP, h] with SP)
+        # Tensor parallelism: every rank routes all the tokens of the micro-batch with its replicated
+        # router (so the routing, the aux losses and the router's gradient are those of one process)
+        # and runs its 1 / TP slice of every expert's hidden features; the experts' partial outputs
+        # are summed before the combine, so d(routing weights) is complete on every rank too, and
+        # only the experts' input gradient, a partial sum, is all-reduced.
+        local = x
+        if self.sequence_parallel:
+            x = mappings.gather_from_sequence_parallel_region(x, self.tensor_group, tensor_parallel_output_grad=False)
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # [t, h]
         logits, weights, indices, scores = self.router(tokens)
@@ -170,19 +195,49 @@ class MoELayer(nn.Module):
         expert_input = tokens
         if torch.is_autocast_enabled(tokens.device.type):  # move the rows in the compute dtype
             expert_input = tokens.to(torch.get_autocast_dtype(tokens.device.type))
+        if self.tensor_group is not None:
+            expert_input = mappings.copy_to_tensor_parallel_region(expert_input, self.tensor_group)
         rows = permute(expert_input, routing)  # [num_rows, h], expert-contiguous
         if self.expert_parallel > 1:
             from megalm.parallel.expert import run_expert_parallel
             out_rows = run_expert_parallel(self.experts, rows, routing.tokens_per_expert, self.expert_group)
         else:
             out_rows = self.experts(rows, routing.tokens_per_expert)
-        out = unpermute(out_rows, routing, weights)  # [t, h]
-        if self.shared_experts is not None:
-            shared = self.shared_experts(tokens)
+        if self.tensor_group is not None:
+            out_rows = mappings.reduce_from_tensor_parallel_region(out_rows, self.tensor_group)  # [num_rows, h]
+        out = unpermute(out_rows, routing, weights).view(shape)  # [b, s, h]
+        if self.sequence_parallel:
+            out = mappings.scatter_to_sequence_parallel_region(out, self.tensor_group)  # [b, s / TP, h]
+        if self.shared_experts is not None:  # tensor-parallel like the dense MLP, on the layer's input
+            shared = self.shared_experts(local)
             if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+                shared = torch.sigmoid(self.shared_expert_gate(local)) * shared
             out = out + shared
-        return out.view(*shape[:-1], shape[-1])
+        return out
+
+
+class AuxLossAutoScaler(torch.autograd.Function):
+    """Attach a pipeline stage's aux losses to its output activations (Megatron's MoEAuxLossAutoScaler).
+
+    A stage before the last returns activations, not a loss, so its MoE layers' aux and z losses
+    cannot join the loss the backward starts from. Forward returns the activations unchanged;
+    backward passes their gradient through and gives the aux loss the gradient the last stage's
+    loss gets, `loss_scale` (the loss scale / number of micro-batches, set by the trainer before
+    each step), so every stage's router receives its aux gradient without the scalar being sent
+    through the pipeline.
+    """
+
+    loss_scale = 1.0
+
+    @staticmethod
+    def forward(ctx, activations: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        return activations
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad, torch.full_like(aux_loss, AuxLossAutoScaler.loss_scale)
 
 
 def moe_layers(model: nn.Module) -> list:

@@ -11,7 +11,9 @@ exactly once:
   stage counts the embedding;
 - with the distributed optimizer each data-parallel rank counts only its shard of each bucket.
 - with expert parallelism each rank counts its own experts, and the parameters replicated over the
-  expert-parallel group are counted by its rank 0 (the sums are then all-reduced over that group).
+  expert-parallel group are counted by its rank 0 (the sums are then all-reduced over that group);
+  with the distributed optimizer too, every rank counts its pieces: the replicated parameters are
+  sharded over the data-parallel group, the experts over the expert-data-parallel group.
 
 The sums are all-reduced over the group that covers the distinct parts (the model-parallel group,
 or the whole world with the distributed optimizer). A non-finite norm, identical on every rank
@@ -29,11 +31,12 @@ import torch.distributed as dist
 from megalm.parallel.state import ParallelState
 
 
-def counts_for_norm(param: torch.nn.Parameter, state: ParallelState) -> bool:
-    """Does this rank count `param`'s gradient in the global norm (see the module docstring)?"""
+def counts_for_norm(param: torch.nn.Parameter, state: ParallelState, sharded: bool = False) -> bool:
+    """Does this rank count `param`'s gradient (`sharded`: its distributed-optimizer piece of it)
+    in the global norm (see the module docstring)?"""
     if getattr(param, "shared_embedding", False) and not state.is_pipeline_first_stage:
         return False
-    if state.expert_model_parallel_size > 1 and not getattr(param, "expert_parallel", False):
+    if state.expert_model_parallel_size > 1 and not getattr(param, "expert_parallel", False) and not sharded:
         # Replicated over the expert-parallel group, whose ranks sum their squares: count it once.
         return state.expert_model_parallel_rank == 0
     return hasattr(param, "partition_dim") or state.tensor_model_parallel_rank == 0

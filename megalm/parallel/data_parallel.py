@@ -15,7 +15,9 @@ With the distributed optimizer (ZeRO-1, `megalm.parallel.distributed_optimizer`)
 padded to a multiple of the data-parallel size and reduce-scattered instead of all-reduced: rank r
 receives the averaged gradients of the r-th contiguous 1/DP of the bucket, the part of the
 parameters it updates. The parameters themselves then live in one flat buffer per bucket too, so
-that the updated shards are all-gathered with one collective per bucket.
+that the updated shards are all-gathered with one collective per bucket. The experts' bucket of an
+expert-parallel model is padded, reduce-scattered and gathered over the expert-data-parallel group
+instead (each expert has DP / EP copies).
 
 Two kinds of parameters need a sum over another group before the data-parallel reduction, and sit
 in buckets of their own that are reduced in `finish_grad_sync()`: with sequence parallelism the
@@ -44,6 +46,7 @@ class _Bucket:
         self.params = params
         self.pre_reduce_group = pre_reduce_group
         self.reduce_group = reduce_group  # instead of the data-parallel group (expert parameters)
+        self.num_shards = dp_size  # the ranks of the reduce group (the distributed optimizer's shards)
         dtype, device = params[0].dtype, params[0].device
         numel = sum(p.numel() for p in params)
         padded = -(-numel // dp_size) * dp_size if sharded else numel
@@ -111,11 +114,15 @@ class DistributedDataParallel(nn.Module):
         dp_rank = state.data_parallel_rank if self.group is not None else 0
         # Expert-parallel experts differ between the ranks of an expert-parallel group: their
         # gradients are averaged over the expert-data-parallel group only (megalm.parallel.expert).
+        # With the distributed optimizer their buckets are sharded over that group too.
         self.expert_group = state.expert_data_parallel_group if state.expert_model_parallel_size > 1 else None
         expert_params = []
 
         def make(bucket_params, group=None, reduce_group=None):
-            self.buckets.append(_Bucket(bucket_params, self.world_size, dp_rank, self.sharded, group, reduce_group))
+            size, rank = self.world_size, dp_rank
+            if reduce_group is not None:
+                size, rank = dist.get_world_size(reduce_group), dist.get_rank(reduce_group)
+            self.buckets.append(_Bucket(bucket_params, size, rank, self.sharded, group, reduce_group))
 
         self.buckets: List[_Bucket] = []
         special = {}
@@ -173,10 +180,11 @@ class DistributedDataParallel(nn.Module):
         if bucket.handle is not None or self.world_size == 1:
             return
         bucket.grad.div_(self.world_size)
-        if self.sharded:
-            bucket.handle = reduce_scatter_into(bucket.grad_shard, bucket.grad, self.group, async_op=True)
+        group = bucket.reduce_group or self.group
+        if self.sharded and bucket.num_shards > 1:
+            bucket.handle = reduce_scatter_into(bucket.grad_shard, bucket.grad, group, async_op=True)
         else:
-            bucket.handle = dist.all_reduce(bucket.grad, group=bucket.reduce_group or self.group, async_op=True)
+            bucket.handle = dist.all_reduce(bucket.grad, group=group, async_op=True)
 
     def finish_grad_sync(self) -> None:
         """Make every gradient the data-parallel average (with the distributed optimizer: this rank's
@@ -204,7 +212,7 @@ class DistributedDataParallel(nn.Module):
         if not self.sharded or self.world_size == 1:
             return
         handles = [all_gather_into(b.param, b.param[b.shard_start: b.shard_start + b.shard_size].clone(),
-                                   self.group, async_op=True) for b in self.buckets]
+                                   b.reduce_group or self.group, async_op=True) for b in self.buckets if b.num_shards > 1]
         for handle in handles:
             handle.wait()
 

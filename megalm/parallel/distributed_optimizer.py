@@ -9,10 +9,11 @@ the optimizer state is split across the data-parallel ranks. The gradient bucket
 contiguous 1/DP of every bucket; it updates the matching slice of the parameters (the pieces of
 the parameters that overlap its range, as 1-D views of the flat parameter buffer) with its own
 AdamW, whose moments therefore exist for 1/DP of the model only; then the buckets' parameters are
-all-gathered. Parameters stay fp32 (mixed precision is autocast), so the optimizer's memory per
-rank is 4 (weights) + 4 (gradients) + 8 / DP (moments) bytes per parameter instead of 16. The
-gradient buffer stays full-size: the backward pass accumulates into it (ZeRO-2 would free the
-non-owned part; it is not implemented).
+all-gathered (an expert-parallel model's experts over the expert-data-parallel group instead, see
+`megalm.parallel.data_parallel`). Parameters stay fp32 (mixed precision is autocast), so the
+optimizer's memory per rank is 4 (weights) + 4 (gradients) + 8 / DP (moments) bytes per parameter
+instead of 16. The gradient buffer stays full-size: the backward pass accumulates into it (ZeRO-2
+would free the non-owned part; it is not implemented).
 
 Both save and load their state keyed by parameter name, with each parameter's state whole (the
 distributed optimizer gathers its shards over the data-parallel group first), so a checkpoint does
@@ -90,7 +91,7 @@ class LocalOptimizer:
         self.names = param_names(chunks)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.norm_group = state.model_parallel_group if state.model_parallel else None
-        if state.expert_model_parallel_size > 1:  # MoE runs without tensor / pipeline parallelism
+        if state.expert_model_parallel_size > 1:  # expert parallelism runs without tensor / pipeline parallelism
             self.norm_group = state.expert_model_parallel_group
 
     @property
@@ -143,7 +144,7 @@ class DistributedOptimizer:
 
     def grads_for_clipping(self):
         grads = [piece.grad for piece, *_ in self.pieces]
-        counted = [piece.grad for piece, p, *_ in self.pieces if counts_for_norm(p, self.state)]
+        counted = [piece.grad for piece, p, *_ in self.pieces if counts_for_norm(p, self.state, sharded=True)]
         return grads, counted
 
     def step(self) -> None:
@@ -166,8 +167,8 @@ class DistributedOptimizer:
                         if b is bucket and piece in inner:
                             offset = bucket.ranges[p][0]
                             full[offset + start: offset + end] = inner[piece][key]
-                    if ddp.world_size > 1:
-                        dist.all_reduce(full, group=ddp.group)  # every element has one owner
+                    if bucket.num_shards > 1:  # every element has one owner
+                        dist.all_reduce(full, group=bucket.reduce_group or ddp.group)
                     for p in bucket.params:
                         begin, finish = bucket.ranges[p]
                         state.setdefault(self.names[p], {})[key] = full[begin:finish].view_as(p).cpu()

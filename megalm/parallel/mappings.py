@@ -10,6 +10,7 @@ Each function is a collective in the forward pass and its conjugate in the backw
     split (last dim)                    all-gather
     split (sequence)                    all-gather            entering the sequence-parallel region
     all-gather (sequence)               reduce-scatter        input of a column-parallel linear (SP)
+    all-gather (sequence)               split                 input of a replicated computation (SP: MoE)
     reduce-scatter (sequence)           all-gather            output of a row-parallel linear (SP)
 
 Activations are batch-first [b, s, h]: the sequence dimension is 1. With a group of one rank every
@@ -181,9 +182,14 @@ def scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     return x if _size(group) == 1 else _Scatter.apply(x, SEQUENCE_DIM, group)
 
 
-def gather_from_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
-    """[b, s / TP, h] -> [b, s, h]; the gradient is reduce-scattered back."""
-    return x if _size(group) == 1 else _GatherReduceScatter.apply(x, SEQUENCE_DIM, group)
+def gather_from_sequence_parallel_region(x: torch.Tensor, group, tensor_parallel_output_grad: bool = True) -> torch.Tensor:
+    """[b, s / TP, h] -> [b, s, h]; the gradient is reduce-scattered back, or, when the gathered
+    tensor feeds a computation replicated on every rank (`tensor_parallel_output_grad=False`: its
+    gradient is already complete and the same on every rank), this rank's slice is kept."""
+    if _size(group) == 1:
+        return x
+    gather = _GatherReduceScatter if tensor_parallel_output_grad else _Gather
+    return gather.apply(x, SEQUENCE_DIM, group)
 
 
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:

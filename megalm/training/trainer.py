@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from megalm.config import Config
-from megalm.model.moe import moe_log, moe_statistics
+from megalm.model.moe import AuxLossAutoScaler, moe_aux_loss, moe_log, moe_statistics
 from megalm.parallel import pipeline
 from megalm.parallel import state as parallel_state
 from megalm.parallel.clip_grads import clip_grad_norm
@@ -317,7 +317,7 @@ class Trainer:
         for ddp in self.ddps:
             ddp.zero_grad_buffer()
         batches = [next(data) for _ in range(self.num_microbatches)]
-        losses = self._forward_backward(batches, self.compiled, forward_only=False)
+        losses, stage_aux = self._forward_backward(batches, self.compiled, forward_only=False)
         for ddp in self.ddps:
             ddp.finish_grad_sync()
         lr = self.scheduler.step()
@@ -327,36 +327,49 @@ class Trainer:
         self.scaler.update(found_inf)
         if not found_inf:
             self.optimizer.step()
-        # Only the last pipeline stage computes the loss; the others report 0 until `_dp_mean`.
+        # Only the last pipeline stage computes the loss; the others report the MoE aux losses of
+        # their layers (0 without), which `_dp_mean` adds.
         loss = torch.stack(losses).mean() if losses else torch.zeros((), device=self.state.device)
-        return loss, grad_norm, found_inf, lr
+        return loss + stage_aux / len(batches), grad_norm, found_inf, lr
 
-    def _forward_backward(self, batches: list, models: list, forward_only: bool) -> list:
-        """The micro-batches through the pipeline schedule (plain accumulation without pipelining)."""
+    def _forward_backward(self, batches: list, models: list, forward_only: bool) -> tuple:
+        """The micro-batches through the pipeline schedule (plain accumulation without pipelining):
+        (the last stage's micro-batch losses, the sum of the other chunks' MoE aux losses)."""
         st, c = self.state, self.config
+        # The MoE aux losses of the chunks before the last: their gradient comes from
+        # AuxLossAutoScaler with the last stage's loss scale; their sum joins the logged loss.
+        stage_aux = torch.zeros((), device=st.device)
+        AuxLossAutoScaler.loss_scale = self.scaler.scale / len(batches)
 
         def step(chunk: int, micro: int, input_tensor: Optional[torch.Tensor]) -> torch.Tensor:
+            nonlocal stage_aux
             if input_tensor is not None:
                 self.chunks[chunk].set_input_tensor(input_tensor)
             with autocast(st.device, self.dtype):
-                return self.forward_step(batches[micro], models[chunk])
+                y = self.forward_step(batches[micro], models[chunk])
+            aux = None if st.is_last_chunk(chunk) else moe_aux_loss(self.chunks[chunk])
+            if aux is not None:
+                stage_aux = stage_aux + aux.detach().float()
+            return y
 
         seq = c.model.seq_length // (st.tensor_model_parallel_size if st.sequence_parallel else 1)
-        return pipeline.forward_backward(
+        losses = pipeline.forward_backward(
             step, len(batches), st, (c.train.micro_batch_size, seq, c.model.hidden_size),
             grad_scale=self.scaler.scale / len(batches), no_sync=lambda chunk: self.ddps[chunk].no_sync(),
             forward_only=forward_only)
+        return losses, stage_aux
 
     def _dp_mean(self, value: torch.Tensor) -> float:
-        """The data-parallel mean of a loss, known on every rank (sent from the last pipeline stage)."""
+        """The data-parallel mean of a loss, known on every rank (summed over the pipeline stages:
+        the last one's loss, the others' MoE aux losses or 0)."""
         st = self.state
         if st.distributed:
             value = value.clone()
             if st.data_parallel_size > 1:
                 torch.distributed.all_reduce(value, group=st.data_parallel_group)
                 value /= st.data_parallel_size
-            if st.pipeline_model_parallel_size > 1:
-                torch.distributed.broadcast(value, src=st.last_stage_rank, group=st.pipeline_model_parallel_group)
+            if st.pipeline_model_parallel_size > 1:  # the loss of the last stage, the aux losses of the others
+                torch.distributed.all_reduce(value, group=st.pipeline_model_parallel_group)
         return value.item()
 
     @torch.no_grad()
@@ -369,7 +382,7 @@ class Trainer:
         data = build_data_iterator(dataset, 0, self.config, self.state,
                                    total_samples=t.eval_iters * t.micro_batch_size * self.state.data_parallel_size)
         batches = list(data)
-        losses = self._forward_backward(batches, self.chunks, forward_only=True) if batches else []
+        losses = self._forward_backward(batches, self.chunks, forward_only=True)[0] if batches else []
         for chunk in self.chunks:
             chunk.train()
         if not batches:
