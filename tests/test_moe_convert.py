@@ -68,6 +68,27 @@ def test_moe_logits_match_transformers(converted):
     assert max_logit_diff(hf, ckpt) <= 1e-4
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_checkpoint_with_fused_experts_imports(arch, tmp_path):
+    """Weights saved in transformers 5's in-memory layout (experts fused into gate_up_proj /
+    down_proj, router at mlp.gate) convert to the same model as the per-expert files."""
+    from safetensors.torch import save_file
+    model = hf_moe(arch, seed=3)
+    fused = {n: t.contiguous() for n, t in model.state_dict().items() if n != "lm_head.weight"
+             or not model.config.tie_word_embeddings}
+    assert any(n.endswith("mlp.experts.gate_up_proj") for n in fused)
+    hf_dir = tmp_path / "fused"
+    hf_dir.mkdir()
+    model.config.save_pretrained(str(hf_dir))
+    save_file(fused, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    fused_ckpt, ckpt = str(tmp_path / "from_fused"), str(tmp_path / "from_per_expert")
+    convert(str(hf_dir), fused_ckpt)
+    convert(save_hf(model, str(tmp_path / "hf")), ckpt)
+    assert max_logit_diff(model, fused_ckpt) <= 1e-4
+    a, b = open_checkpoint(fused_ckpt)["model"], open_checkpoint(ckpt)["model"]
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_moe_round_trip_is_bitwise_and_loads_in_transformers(converted, tmp_path):
     arch, hf, _, ckpt = converted
     out = str(tmp_path / "hf")

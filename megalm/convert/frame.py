@@ -155,6 +155,11 @@ class Architecture:
     def normalize_hf_name(self, name: str) -> str:
         return name
 
+    def unfuse_hf(self, named: dict) -> dict:
+        """Rewrite a checkpoint's {name: tensor or shape} into the layout the rules read; the
+        identity except for families whose tensors may be stored fused."""
+        return named
+
     def is_ignored(self, name: str) -> bool:
         return name.endswith(self.ignored_suffixes) if self.ignored_suffixes else False
 

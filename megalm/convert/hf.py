@@ -102,7 +102,7 @@ def hf_to_megalm(src: str, dst: str, force: bool = False, tensor_parallel: int =
     ctx = Context(model_config, vocab_size)
 
     expected = megalm_to_hf_tensors(arch, ctx, meta_model(model_config).state_dict())
-    found = {arch.normalize_hf_name(n): s for n, s in hf_files.tensor_shapes(src).items()}
+    found = arch.unfuse_hf({arch.normalize_hf_name(n): s for n, s in hf_files.tensor_shapes(src).items()})
     check_tensors(found, {n: t.shape for n, t in expected.items()}, src, arch.is_ignored)
 
     config = Config(model=model_config)
@@ -113,7 +113,7 @@ def hf_to_megalm(src: str, dst: str, force: bool = False, tensor_parallel: int =
             _check_tokenizer_size(build_tokenizer(config), vocab_size, f"vocab_size in {src}/config.json")
         else:
             log(f"warning: no tokenizer files in {src}; the checkpoint will have no tokenizer")
-        hf_state = {arch.normalize_hf_name(n): t for n, t in hf_files.load_tensors(src).items()}
+        hf_state = arch.unfuse_hf({arch.normalize_hf_name(n): t for n, t in hf_files.load_tensors(src).items()})
         state = hf_to_megalm_tensors(arch, ctx, hf_state)
         generation = os.path.join(src, "generation_config.json")
         record = {"model_type": arch.model_type, "vocab_size": vocab_size,

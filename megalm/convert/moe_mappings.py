@@ -15,7 +15,9 @@ and DeepSeek-MoE's own modelling code wrote) one tensor per expert, and that is 
 written here: Mixtral `block_sparse_moe.experts.E.w1 / w3 / w2` (gate / up / down) with the router
 at `block_sparse_moe.gate`; Qwen2-MoE and DeepSeek-MoE `mlp.experts.E.gate_proj / up_proj /
 down_proj` with the router at `mlp.gate`. `StackedExperts` stacks them into megalm's [E, ...]
-tensors and back.
+tensors and back. A checkpoint stored in the fused in-memory layout (`mlp.experts.gate_up_proj`,
+`mlp.experts.down_proj`, router `mlp.gate`) is read too: `unfuse_hf` splits it into the per-expert
+names first.
 
 Registered in `megalm.convert.hf.ARCHITECTURES` ahead of the dense families, so that an MoE model is
 never taken for a Llama on export.
@@ -60,6 +62,30 @@ class _MoEFamily:
 
     def _moe_config(self, hf: dict) -> dict:
         raise NotImplementedError
+
+    def unfuse_hf(self, named: dict) -> dict:
+        """Per-expert tensors (or shapes) for a checkpoint holding transformers 5's fused experts:
+        `model.layers.N.mlp.experts.gate_up_proj` [E, 2 ffn, h] (gate half first) and `down_proj`
+        [E, h, ffn]; the router saved at `mlp.gate` moves to this family's router name."""
+        gate, up, down = self.expert_names
+        out = {}
+        for name, value in named.items():
+            layer, fused, part = name.partition("mlp.experts.")
+            if not fused or part not in ("gate_up_proj", "down_proj") or not layer.startswith("model.layers."):
+                if name.endswith(".mlp.gate.weight") and self.router != "mlp.gate.weight":
+                    name = name[: -len("mlp.gate.weight")] + self.router
+                out[name] = value
+                continue
+            prefix = layer + self.experts
+            shape = tuple(value.shape) if torch.is_tensor(value) else tuple(value)
+            for e in range(shape[0]):
+                if part == "down_proj":
+                    out[f"{prefix}{e}.{down}.weight"] = value[e] if torch.is_tensor(value) else shape[1:]
+                    continue
+                ffn = shape[1] // 2
+                halves = value[e].split(ffn, dim=0) if torch.is_tensor(value) else ((ffn, shape[2]),) * 2
+                out[f"{prefix}{e}.{gate}.weight"], out[f"{prefix}{e}.{up}.weight"] = halves
+        return out
 
     def model_config(self, hf: dict) -> dict:
         out = super().model_config(hf)
