@@ -61,6 +61,20 @@ def _store_tile(ptrs, value, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK
 # ---- forward ---------------------------------------------------------------------------------
 
 @triton.jit
+def _query_tile_key_range(start_m, causal_offset, s_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """(full, end) for query tile `start_m`: keys [0, full) are visible to every row of the tile and
+    lie inside the sequence (no mask needed); keys [full, end) need the causal / length mask."""
+    if CAUSAL:
+        end = tl.minimum(s_k, (start_m + 1) * BLOCK_M + causal_offset)
+        full = tl.minimum((start_m * BLOCK_M + causal_offset + 1) // BLOCK_N * BLOCK_N, s_k // BLOCK_N * BLOCK_N)
+    else:
+        end = s_k
+        full = s_k // BLOCK_N * BLOCK_N
+    return full, end
+
+
+@triton.jit
 def _forward_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, start, end,
                         s_k, causal_offset, scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr):
@@ -106,13 +120,7 @@ def _attention_forward_kernel(Q, K, V, O, LSE, scale_log2,
     v_base = V + b * stride_vb + kv_head * stride_vh
 
     causal_offset = s_k - s_q
-    if CAUSAL:
-        end = tl.minimum(s_k, (start_m + 1) * BLOCK_M + causal_offset)
-        # keys below `full` are visible to every row of this tile (and inside the sequence)
-        full = tl.minimum((start_m * BLOCK_M + causal_offset + 1) // BLOCK_N * BLOCK_N, s_k // BLOCK_N * BLOCK_N)
-    else:
-        end = s_k
-        full = s_k // BLOCK_N * BLOCK_N
+    full, end = _query_tile_key_range(start_m, causal_offset, s_k, CAUSAL, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -266,12 +274,7 @@ def _attention_backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, scale_log2
     v_base = V + b * stride_vb + kv_head * stride_vh
 
     causal_offset = s_k - s_q
-    if CAUSAL:
-        end = tl.minimum(s_k, (start_m + 1) * BLOCK_M + causal_offset)
-        full = tl.minimum((start_m * BLOCK_M + causal_offset + 1) // BLOCK_N * BLOCK_N, s_k // BLOCK_N * BLOCK_N)
-    else:
-        end = s_k
-        full = s_k // BLOCK_N * BLOCK_N
+    full, end = _query_tile_key_range(start_m, causal_offset, s_k, CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_key_blocks(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, 0, full, s_k,
                         causal_offset, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL)
