@@ -460,9 +460,6 @@ class Config:
         if not any(m.is_moe_layer(i) for i in range(m.num_layers)):
             raise ConfigError(f"--first-k-dense-replace ({m.first_k_dense_replace}) and --moe-layer-freq "
                               f"({m.moe_layer_freq}) leave no MoE layer among the {m.num_layers} layers")
-        if ep > 1 and (p.tensor_model_parallel_size > 1 or p.pipeline_model_parallel_size > 1):
-            raise ConfigError("--expert-model-parallel-size > 1 is not supported with --tensor-model-parallel-size "
-                              "or --pipeline-model-parallel-size > 1 yet")
         if m.moe_ffn_size % p.tensor_model_parallel_size:
             raise ConfigError(f"--moe-ffn-hidden-size ({m.moe_ffn_size}) must be divisible by "
                               f"--tensor-model-parallel-size ({p.tensor_model_parallel_size}): each expert is split "

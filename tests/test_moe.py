@@ -164,8 +164,6 @@ BASE = ["--mock-data", "--vocab-size", "128", "--train-iters", "10", "--swiglu",
     (["--moe-pad-expert-input-to-capacity"], "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor"),
     (["--moe-expert-capacity-factor", "0"], "--moe-expert-capacity-factor must be positive"),
     (["--first-k-dense-replace", "12"], "leave no MoE layer"),
-    (["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"],
-     "--expert-model-parallel-size > 1 is not supported with --tensor-model-parallel-size or --pipeline"),
     (["--tensor-model-parallel-size", "4", "--moe-ffn-hidden-size", "6"],
      "--moe-ffn-hidden-size (6) must be divisible by --tensor-model-parallel-size (4)"),
 ])

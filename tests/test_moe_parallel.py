@@ -25,10 +25,17 @@ def _torchrun(nproc: int, *args) -> str:
 
 def test_expert_layout_carves_expert_groups_out_of_data_parallel():
     from megalm.parallel.expert import expert_layout
-    ep_groups, edp_groups = expert_layout([[0, 1, 2, 3]], 2)
-    assert ep_groups == [[0, 1], [2, 3]] and edp_groups == [[0, 2], [1, 3]]
-    ep_groups, edp_groups = expert_layout([[0, 2, 4, 6], [1, 3, 5, 7]], 4)  # TP=2: two data-parallel groups
+    ep_groups, edp_groups, norm_groups = expert_layout([[0, 1, 2, 3]], 2)
+    assert ep_groups == [[0, 1], [2, 3]] and edp_groups == [[0, 2], [1, 3]] and norm_groups == [[0, 1], [2, 3]]
+    ep_groups, edp_groups, norm_groups = expert_layout([[0, 2, 4, 6], [1, 3, 5, 7]], 4)  # TP=2: two DP groups
     assert ep_groups == [[0, 2, 4, 6], [1, 3, 5, 7]] and edp_groups == [[0], [2], [4], [6], [1], [3], [5], [7]]
+    assert norm_groups == [list(range(8))]
+    # TP=2, PP=2, DP=4 on 16 ranks, EP=2: the data-parallel groups of (tensor t, stage p) are
+    # t + 2 x (d + 4 p); the expert groups stay inside them, the norm groups take one block of each.
+    dp_groups = [[t + 2 * (d + 4 * p) for d in range(4)] for p in range(2) for t in range(2)]
+    ep_groups, edp_groups, norm_groups = expert_layout(dp_groups, 2)
+    assert ep_groups[:2] == [[0, 2], [4, 6]] and edp_groups[:2] == [[0, 4], [2, 6]]
+    assert norm_groups == [[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]]
 
 
 @pytest.mark.slow

@@ -250,38 +250,62 @@ def moe_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
     return torch.stack(losses).sum() if losses else None
 
 
-def moe_statistics(models, group=None) -> Optional[dict]:
-    """Per-layer expert load and losses since the last call (then reset), summed over `group`.
+def _add_layer(per_layer: dict, number: int, entry: tuple) -> None:
+    """Sum `entry` (counts, aux, z, dropped, calls, capped) into layer `number`'s."""
+    if number in per_layer:
+        counts, *scalars, capped = per_layer[number]
+        entry = ([a + b for a, b in zip(counts, entry[0])], *(a + b for a, b in zip(scalars, entry[1:5])),
+                 capped or entry[5])
+    per_layer[number] = entry
 
-    Returns None without MoE layers, else {"aux_loss", "z_loss" (means over layers and forward
-    passes), "dropped" (assignments dropped; None when dropless), "load_cv" {layer: coefficient of variation of the
-    tokens per expert}, "tokens_per_expert" {layer: list}}.
+
+def moe_statistics(models, group=None, pipeline_group=None) -> Optional[dict]:
+    """Per-layer expert load and losses since the last call (then reset), summed over `group` (the
+    data-parallel ranks) and collected from every stage of `pipeline_group` (collective on both:
+    every rank calls it, with or without MoE layers of its own).
+
+    Returns None without MoE layers anywhere, else {"aux_loss", "z_loss" (means over layers and
+    forward passes), "dropped" (assignments dropped; None when dropless), "load_cv" {layer:
+    coefficient of variation of the tokens per expert}, "tokens_per_expert" {layer: list}}.
     """
     layers = [m for model in models for m in moe_layers(model)]
-    if not layers or not any(m.stats["calls"] for m in layers):
+    per_layer = {}
+    if layers:
+        packed = torch.cat([torch.cat([m.stats["tokens_per_expert"],
+                                       torch.stack([m.stats["aux_loss"], m.stats["z_loss"], m.stats["dropped"],
+                                                    torch.tensor(float(m.stats["calls"]), dtype=torch.float64,
+                                                                 device=m.stats["aux_loss"].device)])])
+                            for m in layers])
+        if group is not None:
+            torch.distributed.all_reduce(packed, group=group)
+        packed = packed.cpu()
+        offset = 0
+        for m in layers:
+            counts = packed[offset: offset + m.num_experts]
+            a, zz, d, c = packed[offset + m.num_experts: offset + m.num_experts + 4].tolist()
+            offset += m.num_experts + 4
+            _add_layer(per_layer, m.layer_number, (counts.tolist(), a, zz, d, c, m.capacity_factor is not None))
+            m.reset_statistics()
+    if pipeline_group is not None:  # the other stages' layers
+        gathered = [None] * torch.distributed.get_world_size(pipeline_group)
+        torch.distributed.all_gather_object(gathered, per_layer, group=pipeline_group)
+        per_layer = {}
+        for stage in gathered:
+            for number, entry in stage.items():
+                _add_layer(per_layer, number, entry)
+    if not per_layer or not any(c for *_, c, _ in per_layer.values()):
         return None
-    packed = torch.cat([torch.cat([m.stats["tokens_per_expert"],
-                                   torch.stack([m.stats["aux_loss"], m.stats["z_loss"], m.stats["dropped"],
-                                                torch.tensor(float(m.stats["calls"]), dtype=torch.float64,
-                                                             device=m.stats["aux_loss"].device)])])
-                        for m in layers])
-    if group is not None:
-        torch.distributed.all_reduce(packed, group=group)
-    packed = packed.cpu()
     out = {"load_cv": {}, "tokens_per_expert": {}}
     aux = z = dropped = calls = 0.0
-    offset = 0
-    for m in layers:
-        counts = packed[offset: offset + m.num_experts]
-        a, zz, d, c = packed[offset + m.num_experts: offset + m.num_experts + 4].tolist()
-        offset += m.num_experts + 4
+    for number in sorted(per_layer):
+        counts, a, zz, d, c, _ = per_layer[number]
         aux, z, dropped, calls = aux + a, z + zz, dropped + d, calls + c
-        mean = counts.mean()
-        out["load_cv"][m.layer_number] = float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0
-        out["tokens_per_expert"][m.layer_number] = counts.tolist()
-        m.reset_statistics()
+        counts_t = torch.tensor(counts, dtype=torch.float64)
+        mean = counts_t.mean()
+        out["load_cv"][number] = float(counts_t.std(unbiased=False) / mean) if mean > 0 else 0.0
+        out["tokens_per_expert"][number] = counts
     out["aux_loss"], out["z_loss"] = aux / max(calls, 1), z / max(calls, 1)
-    out["dropped"] = dropped if any(m.capacity_factor is not None for m in layers) else None
+    out["dropped"] = dropped if any(capped for *_, capped in per_layer.values()) else None
     return out
 
 

@@ -15,8 +15,10 @@ exactly once:
   with the distributed optimizer too, every rank counts its pieces: the replicated parameters are
   sharded over the data-parallel group, the experts over the expert-data-parallel group.
 
-The sums are all-reduced over the group that covers the distinct parts (the model-parallel group,
-or the whole world with the distributed optimizer). A non-finite norm, identical on every rank
+The sums are all-reduced over the group that covers the distinct parts: the model-parallel group
+(tensor x pipeline), with expert parallelism the model- and expert-parallel group (tensor x
+pipeline x expert: one copy of every expert shard, `megalm.parallel.expert`), with the
+distributed optimizer the whole world. A non-finite norm, identical on every rank
 after the all-reduce, means the step is skipped everywhere.
 """
 
@@ -38,7 +40,8 @@ def counts_for_norm(param: torch.nn.Parameter, state: ParallelState, sharded: bo
         return False
     if state.expert_model_parallel_size > 1 and not getattr(param, "expert_parallel", False) and not sharded:
         # Replicated over the expert-parallel group, whose ranks sum their squares: count it once.
-        return state.expert_model_parallel_rank == 0
+        if state.expert_model_parallel_rank != 0:
+            return False
     return hasattr(param, "partition_dim") or state.tensor_model_parallel_rank == 0
 
 

@@ -91,8 +91,8 @@ class LocalOptimizer:
         self.names = param_names(chunks)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.norm_group = state.model_parallel_group if state.model_parallel else None
-        if state.expert_model_parallel_size > 1:  # expert parallelism runs without tensor / pipeline parallelism
-            self.norm_group = state.expert_model_parallel_group
+        if state.expert_model_parallel_size > 1:  # every expert shard once: tensor x pipeline x expert ranks
+            self.norm_group = state.model_and_expert_parallel_group
 
     @property
     def param_groups(self):

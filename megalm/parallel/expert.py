@@ -7,6 +7,18 @@ that hold the same experts (same position in their block) form the expert-data-p
 DP = 4 and EP = 2 on 4 ranks: expert-parallel groups [0, 1] [2, 3]; expert-data-parallel groups
 [0, 2] [1, 3].
 
+A data-parallel group has a fixed tensor- and pipeline-parallel rank, and so have the expert groups
+carved out of it. With tensor parallelism every expert is split over the tensor-parallel ranks like
+the dense MLP, and tensor rank t exchanges tokens with the tensor rank t of the other
+expert-parallel ranks, which hold the same slice of their experts: the ranks of a tensor-parallel
+group route the same tokens identically, so the rows a rank sends match those its tensor-parallel
+peers send, and the partial outputs that come back are summed over the tensor-parallel group as for
+the dense MLP. With pipeline parallelism each stage's MoE layers exchange within that stage. TP = 2,
+DP = EP = 2 on 4 ranks: tensor groups [0, 1] [2, 3], expert-parallel groups [0, 2] [1, 3]. The
+ranks that together hold one copy of every expert shard (tensor x pipeline x expert, for one
+expert-data-parallel index) form the model-and-expert-parallel group, over which the gradient norm
+is summed (`megalm.parallel.clip_grads`).
+
 Everything else in the model (attention, router, shared experts) stays replicated over the whole
 data-parallel group. Gradients therefore reduce in two ways: non-expert parameters over the
 data-parallel group as usual; expert parameters (marked `expert_parallel = True`) only over the
@@ -35,24 +47,31 @@ from megalm.config import ConfigError
 
 
 def expert_layout(data_parallel_groups: List[List[int]], ep: int) -> tuple:
-    """(expert-parallel groups, expert-data-parallel groups) as lists of global ranks."""
+    """(expert-parallel groups, expert-data-parallel groups, model-and-expert-parallel groups) as
+    lists of global ranks, from the data-parallel groups (one per tensor and pipeline rank)."""
     ep_groups, edp_groups = [], []
+    blocks: List[List[int]] = []  # model-and-expert groups: block j of every data-parallel group
     for ranks in data_parallel_groups:
         if len(ranks) % ep:
             raise ConfigError(f"--expert-model-parallel-size ({ep}) must divide the data-parallel size "
                               f"({len(ranks)}): expert-parallel ranks are carved out of the data-parallel ones")
         ep_groups += [ranks[i:i + ep] for i in range(0, len(ranks), ep)]
         edp_groups += [ranks[i::ep] for i in range(ep)]
-    return ep_groups, edp_groups
+        for j, i in enumerate(range(0, len(ranks), ep)):
+            if j == len(blocks):
+                blocks.append([])
+            blocks[j] += ranks[i:i + ep]
+    return ep_groups, edp_groups, [sorted(b) for b in blocks]
 
 
 def build_expert_groups(state, ep: int) -> dict:
     """Create the expert groups of a run (collective: every rank calls it); return this rank's."""
     tp, pp, dp = state.tensor_model_parallel_size, state.pipeline_model_parallel_size, state.data_parallel_size
     dp_groups = [[t + tp * (d + dp * p) for d in range(dp)] for p in range(pp) for t in range(tp)]
-    ep_groups, edp_groups = expert_layout(dp_groups, ep)
+    ep_groups, edp_groups, norm_groups = expert_layout(dp_groups, ep)
     mine = {}
-    for key, groups in (("expert_model_parallel_group", ep_groups), ("expert_data_parallel_group", edp_groups)):
+    for key, groups in (("expert_model_parallel_group", ep_groups), ("expert_data_parallel_group", edp_groups),
+                        ("model_and_expert_parallel_group", norm_groups)):
         for ranks in groups:
             group = dist.new_group(ranks)
             if state.rank in ranks:

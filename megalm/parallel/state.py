@@ -13,7 +13,9 @@ Rank order is Megatron-LM's: tensor-parallel ranks are adjacent, then data-paral
 so that the chattiest group (tensor parallel, several all-reduces per layer) sits on one node, and
 pipeline stages, which only exchange activations point to point, span nodes. With TP=2, PP=2, DP=2
 on 8 ranks: tensor groups [0,1] [2,3] [4,5] [6,7]; data groups [0,2] [1,3] [4,6] [5,7]; pipeline
-groups [0,4] [1,5] [2,6] [3,7]. Context and expert parallelism keep their slots here (size 1).
+groups [0,4] [1,5] [2,6] [3,7]. Expert-parallel groups are carved out of the data-parallel groups,
+at a fixed tensor and pipeline rank (`megalm.parallel.expert`); context parallelism keeps its slot
+here (size 1).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class ParallelState:
     context_parallel_group: Optional[dist.ProcessGroup] = None
     expert_model_parallel_group: Optional[dist.ProcessGroup] = None
     expert_data_parallel_group: Optional[dist.ProcessGroup] = None  # same experts (megalm.parallel.expert)
+    model_and_expert_parallel_group: Optional[dist.ProcessGroup] = None  # tensor x pipeline x expert
     pipeline_ranks: List[int] = field(default_factory=lambda: [0])  # global ranks of my pipeline
     # Run-wide settings the layers read.
     sequence_parallel: bool = False

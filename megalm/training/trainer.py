@@ -459,7 +459,9 @@ class Trainer:
                     mem = peak_memory_bytes(st.device)
                     values["train/peak_memory_gb"] = mem / 2**30
                     line += f" | mem {mem / 2**30:.2f} GB"
-                    moe = moe_statistics(self.chunks, st.data_parallel_group if st.distributed else None)
+                    moe = moe_statistics(self.chunks, st.data_parallel_group if st.distributed else None,
+                                         st.pipeline_model_parallel_group if st.pipeline_model_parallel_size > 1
+                                         else None)
                     if moe is not None:  # expert load and router losses (megalm.model.moe)
                         moe_line, moe_scalars = moe_log(moe)
                         line += f" | {moe_line}"
