@@ -26,11 +26,22 @@ def _flag_name(f: dataclasses.Field) -> str:
 def _base_type(annotation):
     """int for `int` and `Optional[int]`; also resolves string annotations."""
     if isinstance(annotation, str):
-        annotation = eval(annotation, {"Optional": Optional, "list": list})  # noqa: S307 (our own source)
+        annotation = eval(annotation, {"Optional": Optional, "Union": typing.Union, "List": typing.List, "list": list})  # noqa: S307 (our own source)
     if typing.get_origin(annotation) is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         annotation = args[0]
     return annotation
+
+
+def _argparse_type(parse):
+    """`parse`, with its ConfigError turned into argparse's error (reported with the flag's name)."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,7 +73,9 @@ def build_parser(description: str = "megalm", extra: Optional[callable] = None) 
             kind = _base_type(f.type)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             kwargs = dict(dest=f"{section}.{f.name}", help=f.metadata["help"], default=default)
-            if kind is bool:
+            if "type" in f.metadata:
+                kwargs["type"] = _argparse_type(f.metadata["type"])
+            elif kind is bool:
                 kwargs["action"] = "store_false" if default else "store_true"
             elif kind is list:
                 kwargs["nargs"] = "+"
@@ -105,7 +118,9 @@ def config_to_argv(config: Config) -> list:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if value == default or value is None:
                 continue
-            if isinstance(value, bool):
+            if "type" in f.metadata:  # parsed from one string
+                argv += [_flag_name(f), str(value).replace(" ", "")]
+            elif isinstance(value, bool):
                 argv.append(_flag_name(f))
             elif isinstance(value, list):
                 argv += [_flag_name(f)] + [str(v) for v in value]

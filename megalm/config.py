@@ -7,7 +7,9 @@ one field here. Names follow Megatron-LM where it has one. A field's ``metadata`
 - ``help``: the help text (required);
 - ``flag``: an explicit flag name when Megatron's differs from the field name
   (``add_bias_linear`` is switched off by ``--disable-bias-linear``);
-- ``choices``: the allowed values.
+- ``choices``: the allowed values;
+- ``type``: a parser for the flag's string when the annotation's type is not enough
+  (``--moe-layer-freq`` takes an int or a per-layer pattern).
 
 ``Config.validate`` checks cross-field rules once at start-up and raises `ConfigError` naming the
 flag at fault, so a bad command line never fails deep inside a run.
@@ -15,23 +17,71 @@ flag at fault, so a bad command line never fails deep inside a run.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional, Union
 
 
 class ConfigError(ValueError):
     """A flag, or a combination of flags, that cannot work. The message names the flag."""
 
 
-def opt(default, help: str, flag: Optional[str] = None, choices=None):
+_MAX_PATTERN = 1_000_000
+
+
+def _pattern_value(node: ast.AST):
+    """The value of a list expression made of int literals, lists, + and * (nothing else runs)."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.List):
+        return [_pattern_value(e) for e in node.elts]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _pattern_value(node.left), _pattern_value(node.right)
+        if isinstance(node.op, ast.Mult):
+            times, items = (left, right) if isinstance(left, int) else (right, left)
+            if isinstance(items, list) and isinstance(times, int) and len(items) * max(times, 0) > _MAX_PATTERN:
+                raise ValueError("the pattern is too long")
+            if isinstance(items, int) and isinstance(times, int) and abs(times * items) > _MAX_PATTERN:
+                raise ValueError("a number in the pattern is too large")
+        elif type(left) is not type(right):
+            raise ValueError("+ joins two lists or two numbers")
+        return left * right if isinstance(node.op, ast.Mult) else left + right
+    if isinstance(node, ast.BinOp):
+        raise ValueError(f"only + and * are allowed, not {type(node.op).__name__}")
+    raise ValueError(f"unexpected {type(node).__name__}")
+
+
+def moe_layer_freq_type(value: str) -> Union[int, List[int]]:
+    """Parse --moe-layer-freq: an int N (layer i is an MoE layer when i % N == 0) or Megatron-LM's
+    per-layer pattern, a list of 0 (dense) and 1 (MoE) written as a Python list expression
+    ("[0,1,1,1]", "([0]+[1]*23)"; only int literals, lists, + and * are accepted)."""
+    text = str(value).strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        pattern = _pattern_value(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError) as e:
+        raise ConfigError(f"--moe-layer-freq takes an int or a list of 0 / 1 per layer such as "
+                          f"\"([0]+[1]*3)*2\"; could not read {text!r}: {e}") from None
+    if not isinstance(pattern, list) or any(x not in (0, 1) or type(x) is not int for x in pattern):
+        raise ConfigError(f"--moe-layer-freq {text!r} must give a list of 0 (dense) and 1 (MoE), one per layer; "
+                          f"got {pattern!r}")
+    return pattern
+
+
+def opt(default, help: str, flag: Optional[str] = None, choices=None, type=None):
     """A dataclass field that is also a command-line flag."""
     metadata = {"help": help}
     if flag is not None:
         metadata["flag"] = flag
     if choices is not None:
         metadata["choices"] = tuple(choices)
+    if type is not None:
+        metadata["type"] = type
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -115,8 +165,10 @@ class ModelConfig:
               "dropped, lowest routing probability first (default: dropless).")
     moe_pad_expert_input_to_capacity: bool = opt(
         False, "Pad every expert's input to its capacity (fixed shapes); needs --moe-expert-capacity-factor.")
-    moe_layer_freq: int = opt(1, "Every this many layers is an MoE layer (layer i with i %% freq == 0); "
-                                 "the others keep the dense MLP.")
+    moe_layer_freq: Union[int, List[int]] = opt(
+        1, "Every this many layers is an MoE layer (layer i with i %% freq == 0), the others keep the dense "
+           "MLP; or a per-layer pattern of 0 (dense) and 1 (MoE) as in Megatron-LM, e.g. \"([0]+[1]*23)\".",
+        type=moe_layer_freq_type)
     first_k_dense_replace: int = opt(0, "Keep the dense MLP in the first this many layers (DeepSeek-MoE).")
 
     # Not flags: derived at start-up.
@@ -148,8 +200,11 @@ class ModelConfig:
 
     def is_moe_layer(self, layer_number: int) -> bool:
         """Does layer `layer_number` (0-based) hold a mixture of experts instead of the dense MLP?"""
-        return (bool(self.num_experts) and layer_number >= self.first_k_dense_replace
-                and layer_number % self.moe_layer_freq == 0)
+        if not self.num_experts or layer_number < self.first_k_dense_replace:
+            return False
+        if isinstance(self.moe_layer_freq, list):
+            return self.moe_layer_freq[layer_number] == 1
+        return layer_number % self.moe_layer_freq == 0
 
 
 @dataclass
@@ -455,8 +510,16 @@ class Config:
         if m.moe_pad_expert_input_to_capacity and m.moe_expert_capacity_factor is None:
             raise ConfigError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor: dropless "
                               "routing (no factor) has no capacity to pad to")
-        if m.moe_layer_freq <= 0 or m.first_k_dense_replace < 0:
-            raise ConfigError("--moe-layer-freq must be positive and --first-k-dense-replace not negative")
+        if isinstance(m.moe_layer_freq, str):  # set in Python rather than parsed from the command line
+            m.moe_layer_freq = moe_layer_freq_type(m.moe_layer_freq)
+        if isinstance(m.moe_layer_freq, list):
+            if len(m.moe_layer_freq) != m.num_layers:
+                raise ConfigError(f"--moe-layer-freq gives a pattern of {len(m.moe_layer_freq)} layers; the model "
+                                  f"has {m.num_layers} (--num-layers): give one 0 or 1 per layer")
+        elif m.moe_layer_freq <= 0:
+            raise ConfigError(f"--moe-layer-freq must be positive, got {m.moe_layer_freq}")
+        if m.first_k_dense_replace < 0:
+            raise ConfigError(f"--first-k-dense-replace must not be negative, got {m.first_k_dense_replace}")
         if not any(m.is_moe_layer(i) for i in range(m.num_layers)):
             raise ConfigError(f"--first-k-dense-replace ({m.first_k_dense_replace}) and --moe-layer-freq "
                               f"({m.moe_layer_freq}) leave no MoE layer among the {m.num_layers} layers")

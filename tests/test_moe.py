@@ -1,12 +1,14 @@
 """The MoE layer and model: equivalences, losses, dropping, and configuration errors."""
 
 import dataclasses
+import json
+import re
 
 import pytest
 import torch
 
 from megalm.arguments import parse_args
-from megalm.config import ConfigError, ModelConfig
+from megalm.config import Config, ConfigError, ModelConfig
 from megalm.model import GPTModel
 from megalm.model.mlp import MLP
 from megalm.model.moe import MoELayer, load_balancing_loss, moe_log, moe_statistics, z_loss
@@ -155,6 +157,43 @@ def test_moe_layer_frequency_and_first_dense_layers():
     assert not dataclasses.replace(config, num_experts=None).is_moe_layer(4)
 
 
+def test_moe_layer_pattern_as_in_megatron():
+    """--moe-layer-freq also takes Megatron-LM's per-layer list expression; the config keeps the
+    list, survives the round trip through flags and JSON, and DeepSeek's (first_k, freq) rule is
+    found when one exists."""
+    from megalm.arguments import config_to_argv
+    from megalm.convert.moe_mappings import deepseek_layer_rule
+    config, _ = parse_args(BASE + ["--num-layers", "6", "--moe-layer-freq", "([0]+[1]*2)*2"])
+    config.validate()
+    m = config.model
+    assert m.moe_layer_freq == [0, 1, 1, 0, 1, 1]
+    assert [m.is_moe_layer(i) for i in range(6)] == [False, True, True, False, True, True]
+    assert parse_args(config_to_argv(config))[0].model.moe_layer_freq == m.moe_layer_freq
+    assert Config.from_dict(json.loads(json.dumps(config.to_dict()))).model.moe_layer_freq == m.moe_layer_freq
+    assert deepseek_layer_rule(m) is None  # no (first_k, freq) gives 0 1 1 0 1 1
+    m.moe_layer_freq = [0, 0, 1, 0, 1, 0]
+    assert deepseek_layer_rule(m) == (2, 2)
+    m.moe_layer_freq, m.first_k_dense_replace = 3, 0
+    assert deepseek_layer_rule(m) == (0, 3)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[0,1,2,1]", "must give a list of 0 (dense) and 1 (MoE)"),
+    ("__import__('os')", "could not read"),
+    ("[1]*2**40", "only + and * are allowed"),
+    ("[1]*10000000", "the pattern is too long"),
+])
+def test_bad_moe_layer_pattern_is_refused_by_the_parser(value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_args(BASE + ["--num-layers", "4", "--moe-layer-freq", value])
+
+
+def test_moe_layer_pattern_must_cover_every_layer():
+    config, _ = parse_args(BASE + ["--num-layers", "4", "--moe-layer-freq", "[0,1,1]"])
+    with pytest.raises(ConfigError, match=re.escape("a pattern of 3 layers; the model has 4 (--num-layers)")):
+        config.validate()
+
+
 BASE = ["--mock-data", "--vocab-size", "128", "--train-iters", "10", "--swiglu", "--num-experts", "4"]
 
 
@@ -222,3 +261,14 @@ def test_tiny_moe_gpt_trains_and_logs_expert_load(tmp_path):
     tags = events.Tags()["scalars"]
     for tag in ("moe/aux_loss", "moe/z_loss", "moe/load_cv_layer0", "moe/load_cv_layer1", "moe/dropped_tokens"):
         assert tag in tags
+
+
+def test_checkpoint_with_other_moe_layers_is_refused_however_written():
+    config, _ = parse_args(BASE + ["--num-layers", "4", "--moe-layer-freq", "[0,1,1,1]"])
+    saved = config.to_dict()
+    config.model.moe_layer_freq, config.model.first_k_dense_replace = 1, 1  # the same layers
+    ckpt.check_architecture(saved, config, "ckpt")
+    config.model.moe_layer_freq, config.model.first_k_dense_replace = 2, 0
+    with pytest.raises(ckpt.CheckpointError, match=re.escape("MoE layers (--moe-layer-freq, --first-k-dense-replace): "
+                                                             "checkpoint [1, 2, 3], this run [0, 2]")):
+        ckpt.check_architecture(saved, config, "ckpt")

@@ -24,13 +24,18 @@ ARCHS = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
                   dict(intermediate_size=96, moe_intermediate_size=24, shared_expert_intermediate_size=40,
                        num_experts=6, num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[0])),
+    # every second layer sparse, minus one listed as dense: megalm's per-layer pattern [0, 1, 0, 0, 0, 1]
+    "qwen2_moe_sparse_step": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                              dict(num_hidden_layers=6, intermediate_size=96, moe_intermediate_size=24,
+                                   shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
+                                   norm_topk_prob=True, decoder_sparse_step=2, mlp_only_layers=[3])),
 }
 
 
 def hf_moe(arch: str, seed: int = 0):
     config_class, model_class, extra = ARCHS[arch]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_class)(**SMALL, **extra)
+    config = getattr(transformers, config_class)(**{**SMALL, **extra})
     model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -66,6 +71,9 @@ def converted(request, tmp_path_factory):
 def test_moe_logits_match_transformers(converted):
     arch, hf, _, ckpt = converted
     assert max_logit_diff(hf, ckpt) <= 1e-4
+    if arch == "qwen2_moe_sparse_step":
+        config = Config.from_dict(open_checkpoint(ckpt)["metadata"]["config"]).model
+        assert config.moe_layer_freq == [0, 1, 0, 0, 0, 1] and config.first_k_dense_replace == 0
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -94,7 +102,7 @@ def test_moe_round_trip_is_bitwise_and_loads_in_transformers(converted, tmp_path
     out = str(tmp_path / "hf")
     megalm_to_hf(ckpt, out, **quiet())
     with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f)["model_type"] == arch
+        assert json.load(f)["model_type"] == getattr(transformers, ARCHS[arch][0]).model_type
     convert(out, str(tmp_path / "back"))
     before, after = open_checkpoint(ckpt)["model"], open_checkpoint(str(tmp_path / "back"))["model"]
     assert before.keys() == after.keys()

@@ -5,7 +5,7 @@ All three are the Llama decoder (`megalm.convert.llama`) with the MLP of their M
 | | router | top-k weights | shared experts | dense layers |
 |---|---|---|---|---|
 | Mixtral | softmax, `mlp.gate` | renormalised | none | none |
-| Qwen2-MoE | softmax, `mlp.gate` | `norm_topk_prob` | `mlp.shared_expert`, sigmoid `shared_expert_gate` | `mlp_only_layers` (a prefix) |
+| Qwen2-MoE | softmax, `mlp.gate` | `norm_topk_prob` | `mlp.shared_expert`, sigmoid `shared_expert_gate` | `mlp_only_layers`, sparse step |
 | DeepSeek-MoE | softmax, `mlp.gate` | `norm_topk_prob` | `mlp.shared_experts` (n x moe size) | `first_k_dense_replace`, `moe_layer_freq` |
 
 Experts: in memory transformers 5 holds a layer's experts fused, `mlp.experts.gate_up_proj`
@@ -159,20 +159,24 @@ class Qwen2Moe(_MoEFamily, Qwen2):
     shared = "mlp.shared_expert."
 
     def _moe_config(self, hf: dict) -> dict:
-        step, dense = hf.get("decoder_sparse_step", 1), sorted(hf.get("mlp_only_layers") or [])
-        if step != 1:
-            raise ConversionError(f"Qwen2-MoE with decoder_sparse_step {step} is not supported (only 1)")
-        if dense != list(range(len(dense))):
-            raise ConversionError(f"Qwen2-MoE with mlp_only_layers {dense} is not supported (only the first layers)")
+        # Layer i is sparse unless listed in mlp_only_layers, and only every decoder_sparse_step-th
+        # layer ((i + 1) % step == 0): a first-dense prefix, or megalm's per-layer pattern.
+        step, dense = hf.get("decoder_sparse_step", 1) or 1, set(hf.get("mlp_only_layers") or [])
+        layers = hf["num_hidden_layers"]
+        pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
+        first = pattern.index(1) if 1 in pattern else layers
+        if not any(pattern):
+            raise ConversionError("this Qwen2-MoE config (decoder_sparse_step, mlp_only_layers) has no sparse layer")
+        layout = (dict(first_k_dense_replace=first) if all(pattern[first:])
+                  else dict(moe_layer_freq=pattern))
         shared = hf.get("shared_expert_intermediate_size") or None
         return dict(num_experts=hf["num_experts"], moe_router_topk=hf["num_experts_per_tok"],
                     moe_ffn_hidden_size=hf["moe_intermediate_size"], moe_shared_expert_intermediate_size=shared,
                     moe_shared_expert_gate=bool(shared), moe_router_norm_topk_prob=bool(hf.get("norm_topk_prob")),
-                    first_k_dense_replace=len(dense), add_qkv_bias=bool(hf.get("qkv_bias", True)))
+                    add_qkv_bias=bool(hf.get("qkv_bias", True)), **layout)
 
     def _moe_matches(self, config: ModelConfig) -> bool:
-        return (config.moe_layer_freq == 1 and config.moe_shared_expert_gate
-                == bool(config.moe_shared_expert_intermediate_size))
+        return config.moe_shared_expert_gate == bool(config.moe_shared_expert_intermediate_size)
 
     def hf_config(self, config: ModelConfig, vocab_size: int) -> dict:
         out = super().hf_config(config, vocab_size)
@@ -180,7 +184,7 @@ class Qwen2Moe(_MoEFamily, Qwen2):
                    moe_intermediate_size=config.moe_ffn_size,
                    shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size or 0,
                    norm_topk_prob=config.moe_router_norm_topk_prob, decoder_sparse_step=1,
-                   mlp_only_layers=list(range(config.first_k_dense_replace)), qkv_bias=True,
+                   mlp_only_layers=[i for i in range(config.num_layers) if not config.is_moe_layer(i)], qkv_bias=True,
                    router_aux_loss_coef=config.moe_aux_loss_coeff, output_router_logits=False)
         return out
 
@@ -204,7 +208,8 @@ class DeepseekMoE(_MoEFamily, Llama):
 
     def _moe_matches(self, config: ModelConfig) -> bool:
         shared = config.moe_shared_expert_intermediate_size or 0
-        return not config.moe_shared_expert_gate and shared % config.moe_ffn_size == 0
+        return (not config.moe_shared_expert_gate and shared % config.moe_ffn_size == 0
+                and deepseek_layer_rule(config) is not None)
 
     def hf_config(self, config: ModelConfig, vocab_size: int) -> dict:
         out = super().hf_config(config, vocab_size)
@@ -212,9 +217,22 @@ class DeepseekMoE(_MoEFamily, Llama):
                    moe_intermediate_size=config.moe_ffn_size,
                    n_shared_experts=(config.moe_shared_expert_intermediate_size or 0) // config.moe_ffn_size,
                    norm_topk_prob=config.moe_router_norm_topk_prob, scoring_func="softmax",
-                   first_k_dense_replace=config.first_k_dense_replace, moe_layer_freq=config.moe_layer_freq,
+                   **dict(zip(("first_k_dense_replace", "moe_layer_freq"), deepseek_layer_rule(config))),
                    aux_loss_alpha=config.moe_aux_loss_coeff, seq_aux=True)
         return out
+
+
+def deepseek_layer_rule(config: ModelConfig):
+    """(first_k_dense_replace, moe_layer_freq) such that DeepSeek-MoE's rule (layer i is sparse when
+    i >= first_k and i % freq == 0) gives `config`'s MoE layers, or None if no pair does."""
+    pattern = [config.is_moe_layer(i) for i in range(config.num_layers)]
+    if True not in pattern:
+        return None
+    first = pattern.index(True)
+    for freq in range(1, config.num_layers + 1):
+        if first % freq == 0 and all(p == (i >= first and i % freq == 0) for i, p in enumerate(pattern)):
+            return first, freq
+    return None
 
 
 MOE_ARCHITECTURES = (Mixtral(), Qwen2Moe(), DeepseekMoE())

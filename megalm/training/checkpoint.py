@@ -343,6 +343,14 @@ def check_architecture(saved: dict, config: Config, path: str) -> None:
         ours, theirs = getattr(config.model, name), saved["model"].get(name)
         if ours != theirs:
             mismatches.append(f"{name}: checkpoint {theirs}, this run {ours}")
+    if not mismatches and config.model.num_experts:
+        # The same MoE layers, however the pattern is written (--moe-layer-freq, --first-k-dense-replace).
+        theirs_model = Config.from_dict(saved).model
+        layers = range(config.model.num_layers)
+        ours, theirs = ([i for i in layers if m.is_moe_layer(i)] for m in (config.model, theirs_model))
+        if ours != theirs:
+            mismatches.append(f"MoE layers (--moe-layer-freq, --first-k-dense-replace): checkpoint {theirs}, "
+                              f"this run {ours}")
     if mismatches:
         raise CheckpointError(f"checkpoint {path} was saved with a different model ("
                               + "; ".join(mismatches) + "). Use the checkpoint's flags, or "
