@@ -140,3 +140,67 @@ def test_deepseek_moe_export_and_import_per_expert(tmp_path):
     back = open_checkpoint(str(tmp_path / "back"))["model"]
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, back[name]), name
+
+
+def deepseek_moe_reference(layers: int = 4, first_k_dense: int = 1, freq: int = 1, seed: int = 0):
+    """DeepSeek-MoE (the deepseek-moe-16b architecture, loaded with trust_remote_code, so without a
+    class in transformers) assembled from transformers' own modules: Llama's decoder, whose
+    attention and dense MLP are DeepSeek-MoE's, with the MLP of every MoE layer replaced by
+    DeepSeek-V2's MoE block configured as DeepSeek-MoE's (softmax scores, greedy top-k, weights
+    neither renormalised nor scaled, n shared experts as one MLP of n x moe_intermediate_size).
+    Returns (model, the HF config dict of model_type "deepseek" describing it)."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+    torch.manual_seed(seed)
+    base = dict(SMALL, num_hidden_layers=layers, intermediate_size=96, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base)).eval()
+    moe = dict(n_routed_experts=6, num_experts_per_tok=3, moe_intermediate_size=24, n_shared_experts=2)
+    v2 = transformers.DeepseekV2Config(hidden_size=SMALL["hidden_size"], **moe, routed_scaling_factor=1.0,
+                                       topk_method="greedy", hidden_act="silu", mlp_bias=False)
+    for i in range(layers):
+        if i >= first_k_dense and i % freq == 0:
+            block = DeepseekV2Moe(v2)
+            with torch.no_grad():
+                for p in block.parameters():  # the router starts at zero and the experts uninitialised
+                    p.copy_(torch.randn_like(p) * 0.1)
+            model.model.layers[i].mlp = block
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    config = dict(model.config.to_dict(), model_type="deepseek", architectures=["DeepseekForCausalLM"],
+                  norm_topk_prob=False, scoring_func="softmax", first_k_dense_replace=first_k_dense,
+                  moe_layer_freq=freq, **moe)
+    return model, config
+
+
+@pytest.mark.parametrize("first_k_dense, freq", [(1, 1), (0, 2)])
+def test_deepseek_moe_logits_match_transformers_modules(tmp_path, first_k_dense, freq):
+    """A DeepSeek-MoE checkpoint (in memory layout: experts fused, as transformers' modules hold
+    them) imports with logits matching the reference within 1e-4, and exports back to the
+    per-expert files DeepSeek-MoE's own code reads, which import to the same weights."""
+    from safetensors.torch import save_file
+    model, config = deepseek_moe_reference(first_k_dense=first_k_dense, freq=freq)
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    with open(hf_dir / "config.json", "w") as f:
+        json.dump(config, f)
+    save_file({n: t.contiguous() for n, t in model.state_dict().items()}, str(hf_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    ckpt = str(tmp_path / "megalm")
+    convert(str(hf_dir), ckpt)
+    imported = Config.from_dict(open_checkpoint(ckpt)["metadata"]["config"]).model
+    assert imported.moe_shared_expert_intermediate_size == 48 and not imported.moe_router_norm_topk_prob
+    assert max_logit_diff(model, ckpt) <= 1e-4
+    out = str(tmp_path / "exported")
+    megalm_to_hf(ckpt, out, **quiet())
+    from megalm.convert.hf_files import tensor_shapes
+    names = tensor_shapes(out)
+    moe_layer = 1 if first_k_dense else 0
+    assert f"model.layers.{moe_layer}.mlp.experts.5.gate_proj.weight" in names
+    with open(os.path.join(out, "config.json")) as f:
+        exported = json.load(f)
+    assert (exported["model_type"], exported["first_k_dense_replace"], exported["moe_layer_freq"]) == \
+        ("deepseek", first_k_dense, freq)
+    convert(out, str(tmp_path / "back"))
+    before, after = open_checkpoint(ckpt)["model"], open_checkpoint(str(tmp_path / "back"))["model"]
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
