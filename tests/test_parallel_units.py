@@ -130,3 +130,32 @@ def test_planner_formulas():
     assert plan["dp"] == 4 and plan["num_microbatches"] == 16
     assert plan["bubble"] == pytest.approx(3 / (2 * 16))
     assert plan["optimizer"] == pytest.approx(2 * plan["weights"] / 4)  # 8 bytes / DP against 4
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1), (2, 2, 2)])
+def test_planner_counts_the_parameters_of_an_moe_model(layout):
+    """The planner's parameters per GPU equal those of the model shard megalm builds: first and
+    last pipeline stage, the routed experts split by TP and EP, the rest by TP (shared experts,
+    attention) or replicated (router, norms, shared-expert gate); a first dense layer and a layer
+    pattern included."""
+    from parallel_plan import Cluster, estimate, stage_parameter_split
+    tp, pp, ep = layout
+    config, _ = parse_args(["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+                            "--num-query-groups", "2", "--seq-length", "32", "--swiglu", "--ffn-hidden-size", "96",
+                            "--num-experts", "8", "--moe-ffn-hidden-size", "32", "--moe-router-topk", "2",
+                            "--moe-shared-expert-intermediate-size", "64", "--moe-shared-expert-gate",
+                            "--moe-layer-freq", "[0,1,1,0]", "--vocab-size", "1000", "--micro-batch-size", "1",
+                            "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+                            "--expert-model-parallel-size", str(ep), "--use-distributed-optimizer"])
+    config.model.padded_vocab_size = 1024
+    for rank in range(pp):
+        state = ParallelState.for_layout(tp, pp, 1, 0, rank)
+        model = GPTModel(config.model, state)
+        experts = sum(p.numel() for p in model.parameters() if getattr(p, "expert_parallel", False)) / ep
+        dense = sum(p.numel() for p in model.parameters() if not getattr(p, "expert_parallel", False))
+        planned = stage_parameter_split(config, 1024, rank == 0, rank == pp - 1)
+        assert planned == {"dense": pytest.approx(dense), "expert": pytest.approx(experts)}, rank
+    plan = estimate(config, Cluster(world_size=tp * pp * 4), 1000)  # DP 4: experts' optimizer over DP / EP
+    worst = stage_parameter_split(config, 1024, plan["stage"] == "first", plan["stage"] == "last" or pp == 1)
+    assert plan["optimizer"] == pytest.approx(8 * (worst["dense"] / 4 + worst["expert"] / (4 // ep)))
+    assert (plan["ep_bytes"] > 0) == (ep > 1)

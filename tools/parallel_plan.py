@@ -21,7 +21,10 @@ formulas, documented in docs/PARALLELISM.md, follow megalm's own memory layout:
 - the first pipeline stage holds the activations of min(PP, M) micro-batches (1F1B), times
   1 + (PP - 1) / (PP x VP) with the interleaved schedule; bubble (PP - 1) / (VP x M);
 - communication per step and GPU from ring collectives: an all-reduce moves 2 (n - 1) / n of the
-  buffer per rank, an all-gather or reduce-scatter (n - 1) / n.
+  buffer per rank, an all-gather or reduce-scatter (n - 1) / n;
+- a mixture-of-experts model counts each layer as what it is: the routed experts split by TP and
+  EP (their optimizer moments by DP / EP with the distributed optimizer), the k routed rows of every
+  token in the activations, four all-to-alls per MoE layer and micro-batch for expert parallelism.
 """
 
 from __future__ import annotations
@@ -47,24 +50,50 @@ class Cluster:
     inter_node_gb_per_s: float = 25.0  # per GPU (a 200 Gb/s NIC per GPU)
 
 
-def layer_parameters(c: Config) -> dict:
-    """Parameters of one transformer layer: sharded by TP, and replicated (norms, row biases)."""
+def _mlp_parameters(h: int, f: int, swiglu: bool, bias: bool) -> tuple:
+    """(split by TP, replicated) parameters of a dense MLP of hidden size f."""
+    return h * f * (3 if swiglu else 2) + ((2 * f if swiglu else f) if bias else 0), (h if bias else 0)
+
+
+def layer_parameters(c: Config, moe: bool = False) -> dict:
+    """Parameters of one transformer layer: split by TP ("sharded"), replicated (norms, row biases,
+    the router), and the routed experts of an MoE layer ("expert", split by TP and by EP)."""
     m = c.model
-    d, nq, g, h, f = m.head_dim, m.num_attention_heads, m.query_groups, m.hidden_size, m.ffn_size
+    d, nq, g, h = m.head_dim, m.num_attention_heads, m.query_groups, m.hidden_size
     bias = m.add_bias_linear
-    sharded = h * (nq + 2 * g) * d + nq * d * h + h * f * (3 if m.swiglu else 2)
-    sharded += ((nq + 2 * g) * d if bias or m.add_qkv_bias else 0) + ((2 * f if m.swiglu else f) if bias else 0)
-    norms = 2 * h * (2 if m.normalization == "LayerNorm" else 1)
-    replicated = norms + (2 * h if bias else 0)
-    return {"sharded": sharded, "replicated": replicated}
+    sharded = h * (nq + 2 * g) * d + nq * d * h + ((nq + 2 * g) * d if bias or m.add_qkv_bias else 0)
+    replicated = 2 * h * (2 if m.normalization == "LayerNorm" else 1) + (h if bias else 0)
+    expert = 0
+    if moe:
+        replicated += m.num_experts * h  # router
+        expert = m.num_experts * 3 * h * m.moe_ffn_size  # SwiGLU experts, no biases
+        if m.moe_shared_expert_intermediate_size:
+            split, rep = _mlp_parameters(h, m.moe_shared_expert_intermediate_size, True, bias)
+            sharded, replicated = sharded + split, replicated + rep + (h if m.moe_shared_expert_gate else 0)
+    else:
+        split, rep = _mlp_parameters(h, m.ffn_size, m.swiglu, bias)
+        sharded, replicated = sharded + split, replicated + rep
+    return {"sharded": sharded, "replicated": replicated, "expert": expert}
 
 
-def stage_parameters(c: Config, vocab: int, first: bool, last: bool) -> float:
-    """Parameters held by one GPU of a pipeline stage (its TP shard)."""
+def stage_layers(c: Config, first: bool) -> list:
+    """Global indices of the layers of the first (or the last) pipeline rank, every virtual chunk."""
+    pp, vp = c.parallel.pipeline_model_parallel_size, c.virtual_pipeline_model_parallel_size
+    per = c.model.num_layers // (pp * vp)
+    rank = 0 if first else pp - 1
+    return [i for v in range(vp) for i in range((v * pp + rank) * per, (v * pp + rank + 1) * per)]
+
+
+def stage_parameter_split(c: Config, vocab: int, first: bool, last: bool) -> dict:
+    """Parameters held by one GPU of a pipeline stage: {"dense": its TP shard of everything but
+    the routed experts, "expert": its TP and EP shard of the routed experts}."""
     m, p = c.model, c.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    per_layer = layer_parameters(c)
-    n = m.num_layers / pp * (per_layer["sharded"] / tp + per_layer["replicated"])
+    tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
+    n = experts = 0.0
+    for i in stage_layers(c, first or not last):
+        per_layer = layer_parameters(c, m.is_moe_layer(i))
+        n += per_layer["sharded"] / tp + per_layer["replicated"]
+        experts += per_layer["expert"] / (tp * ep)
     embedding = vocab * m.hidden_size / tp
     if first:
         n += embedding + (m.max_positions * m.hidden_size if m.position_embedding_type == "learned_absolute" else 0)
@@ -72,11 +101,18 @@ def stage_parameters(c: Config, vocab: int, first: bool, last: bool) -> float:
         n += m.hidden_size * (2 if m.normalization == "LayerNorm" else 1)
         if m.untie_embeddings_and_output_weights or (pp > 1 and not first):
             n += embedding
-    return n
+    return {"dense": n, "expert": experts}
 
 
-def activation_bytes_per_layer(c: Config, micro_batch_size: int, act_bytes: int, flash: bool = True) -> float:
-    """Bytes one layer keeps for the backward pass of one micro-batch (Korthikanti et al. 2022, Sec. 4)."""
+def stage_parameters(c: Config, vocab: int, first: bool, last: bool) -> float:
+    """Parameters held by one GPU of a pipeline stage (its TP shard, and EP shard of the experts)."""
+    return sum(stage_parameter_split(c, vocab, first, last).values())
+
+
+def activation_bytes_per_layer(c: Config, micro_batch_size: int, act_bytes: int, flash: bool = True,
+                               moe: bool = False) -> float:
+    """Bytes one layer keeps for the backward pass of one micro-batch (Korthikanti et al. 2022, Sec. 4);
+    `moe`: an MoE layer, whose MLP activations are those of its routed rows and shared experts."""
     m, p = c.model, c.parallel
     s, b, h, f = m.seq_length, micro_batch_size, m.hidden_size, m.ffn_size
     d, nq, g = m.head_dim, m.num_attention_heads, m.query_groups
@@ -93,6 +129,16 @@ def activation_bytes_per_layer(c: Config, micro_batch_size: int, act_bytes: int,
         qkv += s * b * (nq + g) * d * act_bytes
     proj_in = s * b * nq * d * act_bytes
     mlp_inner = s * b * f * act_bytes * (3 if m.swiglu else 2)
+    moe_replicated = 0.0
+    if moe:
+        # Every tensor-parallel rank routes all s b tokens: router logits and scores (fp32), the k
+        # permuted input rows and the k expert output rows (kept for the combine's backward); the
+        # experts' inner tensors [s b k, 3 ffn] are split by TP. With EP the rows a rank keeps are
+        # those of its experts: as many as it sent, with a balanced router.
+        k, e = m.moe_router_topk, m.num_experts
+        moe_replicated = s * b * (8 * e + 2 * k * h * act_bytes)
+        mlp_inner = s * b * k * m.moe_ffn_size * act_bytes * 3
+        mlp_inner += s * b * (m.moe_shared_expert_intermediate_size or 0) * act_bytes * 3
     core = 0.0  # the attention core: s^2 terms unless flash attention, which keeps its logsumexp
     if flash:
         core = 4 * s * b * nq
@@ -104,16 +150,18 @@ def activation_bytes_per_layer(c: Config, micro_batch_size: int, act_bytes: int,
     split = qkv + proj_in + mlp_inner + core
     if p.recompute_granularity == "full":
         return sbh * act_bytes / (tp if sp else 1)
-    return replicated / (tp if sp else 1) + split / tp
+    return replicated / (tp if sp else 1) + moe_replicated + split / tp
 
 
 def estimate(c: Config, cluster: Cluster, vocab: int) -> dict:
     """Memory per GPU (worst stage: the first), bubble and communication per step."""
     m, p, t, o = c.model, c.parallel, c.train, c.optim
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
     if cluster.world_size % (tp * pp):
         raise ConfigError(f"--world-size {cluster.world_size} is not divisible by TP x PP = {tp * pp}")
     dp = cluster.world_size // (tp * pp)
+    if dp % ep:
+        raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the data-parallel size {dp}")
     vp = c.virtual_pipeline_model_parallel_size
     gbs = t.global_batch_size or t.micro_batch_size * dp
     num_micro = gbs // (t.micro_batch_size * dp)
@@ -121,14 +169,17 @@ def estimate(c: Config, cluster: Cluster, vocab: int) -> dict:
     act_bytes = 2 if (t.bf16 or t.fp16) else 4
     worst = {}
     for first, last in ((True, pp == 1), (pp == 1, True)):
-        params = stage_parameters(c, padded, first, last)
+        split = stage_parameter_split(c, padded, first, last)
+        params = split["dense"] + split["expert"]
         weights, grads = 4 * params, 4 * params
-        optimizer = (4 if o.optimizer == "lion" else 8) * params / (dp if p.use_distributed_optimizer else 1)
-        per_layer = activation_bytes_per_layer(c, t.micro_batch_size, act_bytes)
-        layers = m.num_layers / pp
+        # ZeRO-1 shards the experts over their expert-data-parallel group (DP / EP ranks).
+        shards = (dp, dp // ep) if p.use_distributed_optimizer else (1, 1)
+        optimizer = (4 if o.optimizer == "lion" else 8) * (split["dense"] / shards[0] + split["expert"] / shards[1])
+        activations = sum(activation_bytes_per_layer(c, t.micro_batch_size, act_bytes, moe=m.is_moe_layer(i))
+                          for i in stage_layers(c, first))
         in_flight = min(pp, num_micro) if pp > 1 else 1
         factor = 1 + (pp - 1) / (pp * vp) if vp > 1 else 1
-        activations = per_layer * layers * in_flight * factor
+        activations *= in_flight * factor
         # Full recompute: one layer's activations exist again while its backward runs.
         working = _without_recompute(c, t.micro_batch_size, act_bytes) if p.recompute_granularity == "full" else 0.0
         s, b = m.seq_length, t.micro_batch_size
@@ -141,7 +192,7 @@ def estimate(c: Config, cluster: Cluster, vocab: int) -> dict:
             worst = dict(params=params, weights=weights, gradients=grads, optimizer=optimizer,
                          activations=activations, recompute_working=working, total=total,
                          stage="first" if first else "last")
-    return dict(worst, tp=tp, pp=pp, dp=dp, vp=vp, num_microbatches=num_micro,
+    return dict(worst, tp=tp, pp=pp, dp=dp, vp=vp, ep=ep, num_microbatches=num_micro,
                 bubble=(pp - 1) / (vp * num_micro), **communication(c, cluster, dp, num_micro, padded, act_bytes))
 
 
@@ -158,47 +209,65 @@ def communication(c: Config, cluster: Cluster, dp: int, num_micro: int, padded_v
     """Bytes sent per GPU and step, and the time at the cluster's bandwidths."""
     m, p, t = c.model, c.parallel, c.train
     tp, pp, vp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, c.virtual_pipeline_model_parallel_size
-    layers = m.num_layers / pp
+    ep = p.expert_model_parallel_size
+    layers = stage_layers(c, True)
+    moe_layers = sum(m.is_moe_layer(i) for i in layers)
     activation = m.seq_length * t.micro_batch_size * m.hidden_size * act_bytes
     # Four all-reduces per layer and micro-batch (two forward, two backward; the same volume as
-    # SP's all-gather / reduce-scatter pairs), two more with full recompute.
+    # SP's all-gather / reduce-scatter pairs), two more with full recompute. An MoE layer's experts
+    # all-reduce their k output rows per token forward and the tokens' input gradient backward
+    # (k + 1 instead of 2), and its shared experts add the dense MLP's two.
     collectives = 4 + (2 if p.recompute_granularity == "full" else 0)
-    tp_bytes = collectives * layers * num_micro * activation * 2 * (tp - 1) / tp if tp > 1 else 0.0
+    moe_extra = (m.moe_router_topk - 1 + (2 if m.moe_shared_expert_intermediate_size else 0)) if m.num_experts else 0
+    units = collectives * len(layers) + moe_extra * moe_layers
+    tp_bytes = units * num_micro * activation * 2 * (tp - 1) / tp if tp > 1 else 0.0
     # Activations forward and gradients backward, at every stage boundary, VP times per micro-batch.
     pp_bytes = 2 * vp * num_micro * activation / (tp if p.sequence_parallel and tp > 1 else 1) if pp > 1 else 0.0
-    grads = 4 * stage_parameters(c, padded_vocab, True, pp == 1)
-    dp_bytes = 2 * grads * (dp - 1) / dp  # all-reduce, or reduce-scatter + all-gather (ZeRO-1)
+    # Expert parallelism: per MoE layer and micro-batch, the k rows of every token go out and come
+    # back forward, and their gradients backward (four all-to-alls); (EP - 1) / EP of them leave.
+    ep_bytes = 4 * moe_layers * num_micro * activation * m.moe_router_topk * (ep - 1) / ep if ep > 1 else 0.0
+    split = stage_parameter_split(c, padded_vocab, True, pp == 1)
+    edp = dp // ep
+    # all-reduce, or reduce-scatter + all-gather (ZeRO-1); the experts over DP / EP ranks
+    dp_bytes = 2 * 4 * (split["dense"] * (dp - 1) / dp + (split["expert"] * (edp - 1) / edp))
     crosses_nodes = lambda span: span > cluster.gpus_per_node  # noqa: E731
     bandwidth = {"tp": cluster.intra_node_gb_per_s if not crosses_nodes(tp) else cluster.inter_node_gb_per_s,
                  "pp": cluster.inter_node_gb_per_s if crosses_nodes(tp * dp * pp) else cluster.intra_node_gb_per_s,
-                 "dp": cluster.inter_node_gb_per_s if crosses_nodes(tp * dp) else cluster.intra_node_gb_per_s}
-    return {"tp_bytes": tp_bytes, "pp_bytes": pp_bytes, "dp_bytes": dp_bytes,
+                 "dp": cluster.inter_node_gb_per_s if crosses_nodes(tp * dp) else cluster.intra_node_gb_per_s,
+                 "ep": cluster.inter_node_gb_per_s if crosses_nodes(tp * ep) else cluster.intra_node_gb_per_s}
+    return {"tp_bytes": tp_bytes, "pp_bytes": pp_bytes, "dp_bytes": dp_bytes, "ep_bytes": ep_bytes,
             "tp_seconds": tp_bytes / (bandwidth["tp"] * 1e9), "pp_seconds": pp_bytes / (bandwidth["pp"] * 1e9),
-            "dp_seconds": dp_bytes / (bandwidth["dp"] * 1e9)}
+            "dp_seconds": dp_bytes / (bandwidth["dp"] * 1e9), "ep_seconds": ep_bytes / (bandwidth["ep"] * 1e9)}
 
 
 def layouts(c: Config, cluster: Cluster):
-    """Every (TP, PP) that divides the world and the model, TP within a node."""
+    """Every (TP, PP, EP) that divides the world and the model, TP within a node; EP (MoE models
+    only) divides the data-parallel size and the expert count."""
     m = c.model
     for tp in (1, 2, 4, 8, 16):
         if tp > cluster.gpus_per_node or m.num_attention_heads % tp or m.query_groups % tp or m.ffn_size % tp:
             continue
+        if m.num_experts and m.moe_ffn_size % tp:
+            continue
         for pp in range(1, m.num_layers + 1):
             if m.num_layers % pp == 0 and cluster.world_size % (tp * pp) == 0:
-                yield tp, pp
+                dp = cluster.world_size // (tp * pp)
+                for ep in range(1, dp + 1):
+                    if ep == 1 or (m.num_experts and dp % ep == 0 and m.num_experts % ep == 0):
+                        yield tp, pp, ep
 
 
 def _row(e: dict, cluster: Cluster) -> str:
     fits = "yes" if e["total"] <= cluster.gpu_memory_gb * GB else "NO"
-    comm = e["tp_seconds"] + e["pp_seconds"] + e["dp_seconds"]
-    return (f"{e['tp']:>3} {e['pp']:>3} {e['dp']:>4} {e['vp']:>3} | {e['weights'] / GB:8.2f} {e['gradients'] / GB:8.2f} "
-            f"{e['optimizer'] / GB:8.2f} {e['activations'] / GB:8.2f} {e['total'] / GB:8.2f} {fits:>4} | "
-            f"{100 * e['bubble']:6.1f}% | {e['tp_bytes'] / GB:8.2f} {e['pp_bytes'] / GB:8.2f} {e['dp_bytes'] / GB:8.2f} "
-            f"{comm:8.3f}")
+    comm = e["tp_seconds"] + e["pp_seconds"] + e["dp_seconds"] + e["ep_seconds"]
+    return (f"{e['tp']:>3} {e['pp']:>3} {e['dp']:>4} {e['vp']:>3} {e['ep']:>3} | {e['weights'] / GB:8.2f} "
+            f"{e['gradients'] / GB:8.2f} {e['optimizer'] / GB:8.2f} {e['activations'] / GB:8.2f} {e['total'] / GB:8.2f} "
+            f"{fits:>4} | {100 * e['bubble']:6.1f}% | {e['tp_bytes'] / GB:8.2f} {e['pp_bytes'] / GB:8.2f} "
+            f"{e['dp_bytes'] / GB:8.2f} {e['ep_bytes'] / GB:8.2f} {comm:8.3f}")
 
 
-HEADER = (" TP  PP   DP  VP |  weights    grads optimizer activat.    total fits | bubble | "
-          "  TP GB/step PP GB    DP GB  comm s\n" + "-" * 124)
+HEADER = (" TP  PP   DP  VP  EP |  weights    grads optimizer activat.    total fits | bubble | "
+          "  TP GB/step PP GB    DP GB    EP GB  comm s\n" + "-" * 137)
 
 
 def _cluster_flags(parser) -> None:
@@ -208,7 +277,8 @@ def _cluster_flags(parser) -> None:
     group.add_argument("--gpu-memory-gb", type=float, default=80.0, help="Memory of one GPU, GiB.")
     group.add_argument("--intra-node-gb-per-s", type=float, default=300.0, help="NVLink bandwidth per GPU, GB/s.")
     group.add_argument("--inter-node-gb-per-s", type=float, default=25.0, help="Network bandwidth per GPU, GB/s.")
-    group.add_argument("--search", action="store_true", help="Try every TP x PP layout for --world-size.")
+    group.add_argument("--search", action="store_true",
+                       help="Try every TP x PP (x EP for an MoE model) layout for --world-size.")
 
 
 def main(argv=None) -> int:
@@ -218,22 +288,25 @@ def main(argv=None) -> int:
             raise ConfigError("give the vocabulary size with --vocab-size N")
         cluster = Cluster(ns.world_size, ns.gpus_per_node, ns.gpu_memory_gb, ns.intra_node_gb_per_s,
                           ns.inter_node_gb_per_s)
+        par = config.parallel
         candidates = list(layouts(config, cluster)) if ns.search else \
-            [(config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size)]
+            [(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size)]
         print(f"memory per GPU (GiB, the fullest pipeline stage), bubble, communication per step and GPU; "
               f"{cluster.world_size} GPUs, {cluster.gpu_memory_gb:g} GiB each")
         print(HEADER)
-        for tp, pp in candidates:
-            config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size = tp, pp
+        for tp, pp, ep in candidates:
+            par.tensor_model_parallel_size, par.pipeline_model_parallel_size = tp, pp
+            par.expert_model_parallel_size = ep
             if ns.search:
-                config.parallel.num_layers_per_virtual_pipeline_stage = None
+                par.num_layers_per_virtual_pipeline_stage = None
             try:
                 config._validate_parallel()
+                config._validate_moe()
                 print(_row(estimate(config, cluster, config.data.vocab_size), cluster))
             except ConfigError as e:
                 if not ns.search:
                     raise
-                print(f"{tp:>3} {pp:>3}   -- {e}")
+                print(f"{tp:>3} {pp:>3}   -- EP {ep}: {e}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
