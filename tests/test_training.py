@@ -206,3 +206,25 @@ def test_sigterm_saves_before_exit(tmp_path):
     assert "signal received: stopping at iteration" in output
     iteration = int(re.search(r"stopping at iteration (\d+)", output).group(1))
     assert open(os.path.join(save, ckpt.TRACKER)).read() == str(iteration)
+
+
+def test_token_id_beyond_the_vocabulary_stops_with_the_fix(tmp_path):
+    """Data tokenized with a larger vocabulary than the run's: the first batch holding such an id
+    stops training with a message naming the id, the vocabulary and the flags to fix, before the
+    embedding lookup (a device-side assert on a GPU)."""
+    import numpy as np
+
+    from megalm.data.indexed_dataset import IndexedDatasetBuilder
+    prefix = str(tmp_path / "wide")
+    rng = np.random.default_rng(0)
+    with IndexedDatasetBuilder(prefix, np.int32) as builder:
+        for _ in range(40):
+            doc = rng.integers(0, 200, size=60)
+            doc[rng.integers(0, 60)] = 300  # one id per document beyond 256
+            builder.add_document(doc)
+        builder.finalize()
+    config = tiny_config("--train-iters", "4", "--micro-batch-size", "2")
+    config.data.mock_data, config.data.data_path = False, [prefix]
+    config.data.tokenizer_type, config.data.split = "NullTokenizer", "100,0,0"
+    with pytest.raises(TrainingError, match=r"holds token id 300, but the model's vocabulary has 256 entries"):
+        run(config)

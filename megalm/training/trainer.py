@@ -96,7 +96,31 @@ def build_data_iterator(dataset, consumed_samples: int, config: Config, state: P
         # A private generator: creating a loader must not consume the global RNG, or a resumed
         # run's dropout masks would drift from the uninterrupted run's.
         generator=torch.Generator().manual_seed(config.train.seed))
-    return iter(loader)
+    if not config.model.padded_vocab_size:
+        return iter(loader)
+    return _checked_token_ids(iter(loader), config, consumed_samples)
+
+
+def _checked_token_ids(batches: Iterator[dict], config: Config, consumed_samples: int) -> Iterator[dict]:
+    """Pass the batches through, stopping at the first token id the embedding has no row for.
+
+    Such an id means the data was tokenized with another, larger vocabulary; on a GPU the embedding
+    lookup would otherwise end the run with a device-side assert that names nothing. The maximum of
+    a micro-batch is taken on the CPU, before the copy to the device: a few microseconds."""
+    limit = config.model.padded_vocab_size
+    for step, batch in enumerate(batches):
+        top = int(batch["tokens"].max()) if batch["tokens"].numel() else -1
+        low = int(batch["tokens"].min()) if batch["tokens"].numel() else 0
+        if top >= limit or low < 0:
+            bad = top if top >= limit else low
+            raise TrainingError(
+                f"micro-batch {step} after sample {consumed_samples} holds token id {bad}, but the model's "
+                f"vocabulary has {limit} entries (the tokenizer's, padded to a multiple of "
+                f"--make-vocab-size-divisible-by x TP): the dataset was tokenized with another tokenizer. "
+                f"Train with the tokenizer the data was made with (--tokenizer-type, --tokenizer-model / "
+                f"--vocab-file, or --vocab-size for pre-tokenized ids), or rerun tools/preprocess_data.py "
+                f"with this one (megalm.data.check_tokenizer_fits scans a whole dataset for such ids)")
+        yield batch
 
 
 def split_batch(batch: dict, device: torch.device):
