@@ -157,6 +157,12 @@ class ModelConfig:
     moe_router_topk_scaling_factor: Optional[float] = opt(
         None, "Multiply the top-k routing weights by this factor (DeepSeek's routed_scaling_factor; "
               "default: 1).")
+    moe_router_enable_expert_bias: bool = opt(
+        False, "Aux-loss-free load balancing (DeepSeek-V3): a per-expert bias, added to the scores for "
+               "the top-k choice only, moves by --moe-router-bias-update-rate after every step toward the "
+               "less loaded experts.")
+    moe_router_bias_update_rate: float = opt(
+        1e-3, "Step of the expert bias per optimizer step (--moe-router-enable-expert-bias).")
     moe_aux_loss_coeff: float = opt(
         0.0, "Load-balancing loss coefficient (Switch / GShard: num-experts x sum_i f_i P_i per layer).")
     moe_z_loss_coeff: float = opt(0.0, "Router z-loss coefficient (mean of logsumexp(router logits)^2).")
@@ -503,6 +509,8 @@ class Config:
             value = getattr(m, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if m.moe_router_bias_update_rate <= 0:
+            raise ConfigError(f"--moe-router-bias-update-rate must be positive, got {m.moe_router_bias_update_rate}")
         if m.moe_aux_loss_coeff < 0 or m.moe_z_loss_coeff < 0:
             raise ConfigError("--moe-aux-loss-coeff and --moe-z-loss-coeff must not be negative")
         if m.moe_shared_expert_gate and not m.moe_shared_expert_intermediate_size:

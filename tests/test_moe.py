@@ -272,3 +272,53 @@ def test_checkpoint_with_other_moe_layers_is_refused_however_written():
     with pytest.raises(ckpt.CheckpointError, match=re.escape("MoE layers (--moe-layer-freq, --first-k-dense-replace): "
                                                              "checkpoint [1, 2, 3], this run [0, 2]")):
         ckpt.check_architecture(saved, config, "ckpt")
+
+
+def test_expert_bias_balances_a_skewed_router_without_touching_its_weights():
+    """Aux-loss-free balancing: with the router's weights fixed and skewed toward one expert, the
+    bias updates alone bring the load close to uniform; the weights of the chosen experts stay
+    the unbiased scores, and no gradient reaches the bias."""
+    from megalm.model.moe import update_expert_bias
+    torch.manual_seed(0)
+    layer = MoELayer(moe_config(num_experts=8, moe_router_topk=2, moe_router_score_function="sigmoid",
+                                moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.01), 0)
+    common = torch.randn(32)
+    x = torch.randn(1, 256, 32) + 0.3 * common
+    with torch.no_grad():
+        layer.router.weight[0] += common * 0.3  # expert 0 takes most tokens
+    router_weight = layer.router.weight.detach().clone()
+
+    def load_cv():
+        with torch.no_grad():
+            _, _, indices, _ = layer.router(x[0])
+        counts = torch.bincount(indices.reshape(-1), minlength=8).float()
+        return (counts.std(unbiased=False) / counts.mean()).item()
+
+    layer.train()
+    before = load_cv()
+    layer.router.tokens_since_update.zero_()
+    for _ in range(60):
+        layer(x).sum().backward()
+        update_expert_bias([layer])
+    after = load_cv()
+    assert before > 1.0 and after < before / 2, (before, after)  # observed 1.15 -> 0.37
+    assert layer.router.expert_bias.grad is None and torch.equal(layer.router.weight.detach(), router_weight)
+    assert layer.router.expert_bias[0] < 0  # the overloaded expert is pushed down
+    _, weights, indices, scores = layer.router(x[0])
+    torch.testing.assert_close(weights, scores.gather(1, indices))
+
+
+def test_expert_bias_is_checkpointed_and_the_resumed_run_continues(tmp_path):
+    from tests.helpers import run, tiny_config
+    moe = ["--swiglu", "--num-experts", "4", "--moe-router-topk", "2", "--micro-batch-size", "2",
+           "--global-batch-size", "4", "--train-iters", "6"]
+    flags = moe + ["--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.05"]
+    full = run(tiny_config(*flags))
+    save = str(tmp_path / "ckpt")
+    run(tiny_config(*flags, "--save", save, "--exit-interval", "3"))
+    saved = ckpt.read_checkpoint(ckpt.iteration_dir(save, 3))["model"]
+    assert saved["layers.0.mlp.router.expert_bias"].abs().max() > 0
+    resumed = run(tiny_config(*flags, "--load", save))
+    assert [loss for _, loss in resumed.history] == [loss for _, loss in full.history][3:]
+    plain = run(tiny_config(*moe))
+    assert [loss for _, loss in plain.history] != [loss for _, loss in full.history]  # the bias changes the routing

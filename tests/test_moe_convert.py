@@ -3,6 +3,7 @@ weights from their config classes, tiny sizes, fp32) and round trips."""
 
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -204,3 +205,20 @@ def test_deepseek_moe_logits_match_transformers_modules(tmp_path, first_k_dense,
     convert(out, str(tmp_path / "back"))
     before, after = open_checkpoint(ckpt)["model"], open_checkpoint(str(tmp_path / "back"))["model"]
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("extra, reason", [
+    (dict(moe_router_score_function="sigmoid"), "none routes with --moe-router-score-function sigmoid"),
+    (dict(moe_router_enable_expert_bias=True), "none routes with --moe-router-enable-expert-bias"),
+])
+def test_moe_model_without_a_family_is_refused_with_the_reason(tmp_path, extra, reason):
+    """Never written as a dense family without its experts: the export names what no MoE family has."""
+    config = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, swiglu=True,
+                         add_bias_linear=False, ffn_hidden_size=64, num_experts=4, moe_router_topk=2,
+                         moe_ffn_hidden_size=16, padded_vocab_size=128, normalization="RMSNorm",
+                         position_embedding_type="rope", untie_embeddings_and_output_weights=True, **extra)
+    ckpt = save_weights(str(tmp_path / "megalm"), Config(model=config), GPTModel(config).state_dict(), {})
+    from megalm.convert.frame import ConversionError
+    with pytest.raises(ConversionError, match=re.escape(reason)):
+        megalm_to_hf(ckpt, str(tmp_path / "hf"), **quiet())
+    assert not os.path.exists(tmp_path / "hf")

@@ -22,18 +22,31 @@ def _gen(seed):
 @pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("normalize,scaling", [(False, None), (True, 2.5)])
 @pytest.mark.parametrize("topk,experts", [(1, 4), (2, 7), (6, 16), (3, 3)])
-def test_router_triton_matches_reference(score_function, normalize, scaling, topk, experts):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_router_triton_matches_reference(score_function, normalize, scaling, topk, experts, with_bias):
     g = _gen(topk * 100 + experts)
     logits = torch.randn(13, experts, generator=g).to(DEVICE)
     d_weights, d_scores = torch.randn(13, topk, generator=g).to(DEVICE), torch.randn(13, experts, generator=g).to(DEVICE)
+    # a bias of the scores' size, which reorders the choice (aux-loss-free balancing)
+    bias = torch.randn(experts, generator=g).to(DEVICE) * 0.3 if with_bias else None
     results = []
     for backend in ("triton", "reference"):
         z = logits.clone().requires_grad_()
-        weights, indices, scores = K.topk_router(z, topk, score_function, normalize, scaling, backend=backend)
+        weights, indices, scores = K.topk_router(z, topk, score_function, normalize, scaling, backend=backend,
+                                                 bias=bias)
         ((weights * d_weights).sum() + (scores * d_scores).sum()).backward()
         results.append((weights, indices, scores, z.grad))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_router_bias_changes_the_choice_not_the_weights():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]], device=DEVICE)
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0], device=DEVICE)  # pulls the last expert in
+    for backend in ("triton", "reference"):
+        weights, indices, scores = K.topk_router(logits, 2, "sigmoid", False, None, backend=backend, bias=bias)
+        assert indices.tolist() == [[3, 0]], backend
+        torch.testing.assert_close(weights, scores[:, [3, 0]])  # the unbiased scores
 
 
 def test_router_normalized_weights_sum_to_scaling():
@@ -170,8 +183,10 @@ target = GPUTarget("cuda", 90, 32)
 def compile(fn, signature, constexprs, warps):
     triton.compile(ASTSource(fn, signature, constexprs), target=target, options={"num_warps": warps, "num_stages": 3})
 for sigmoid in (True, False):
-    compile(R._router_forward_kernel, {"Z": "*fp32", "W": "*fp32", "IDX": "*i64", "S": "*fp32", "E": "i32",
-            "scaling": "fp32"}, {"TOPK": 6, "SIGMOID": sigmoid, "NORMALIZE": True, "BLOCK_E": 64, "BLOCK_K": 8}, 4)
+    for bias in (True, False):
+        compile(R._router_forward_kernel, {"Z": "*fp32", "B": "*fp32", "W": "*fp32", "IDX": "*i64", "S": "*fp32",
+                "E": "i32", "scaling": "fp32"}, {"TOPK": 6, "SIGMOID": sigmoid, "NORMALIZE": True, "HAS_BIAS": bias,
+                "BLOCK_E": 64, "BLOCK_K": 8}, 4)
     compile(R._router_backward_kernel, {"Z": "*fp32", "IDX": "*i64", "DW": "*fp32", "DS": "*fp32", "DZ": "*fp32",
             "E": "i32", "scaling": "fp32"}, {"TOPK": 6, "SIGMOID": sigmoid, "NORMALIZE": True, "BLOCK_E": 64,
             "BLOCK_K": 8}, 4)
@@ -205,18 +220,25 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
 
 
-def test_moe_layer_compiles_fullgraph_with_triton_kernels(monkeypatch):
+@pytest.mark.parametrize("expert_bias", [False, True])
+def test_moe_layer_compiles_fullgraph_with_triton_kernels(monkeypatch, expert_bias):
     from megalm.model.moe import MoELayer
     from tests.test_moe import moe_config
     monkeypatch.setenv("MEGALM_KERNELS", "triton")
     torch.manual_seed(0)
-    layer = MoELayer(moe_config(moe_shared_expert_intermediate_size=16, moe_aux_loss_coeff=0.1), 0).to(DEVICE)
+    layer = MoELayer(moe_config(moe_shared_expert_intermediate_size=16, moe_aux_loss_coeff=0.1,
+                                moe_router_enable_expert_bias=expert_bias), 0).to(DEVICE)
+    if expert_bias:
+        with torch.no_grad():
+            layer.router.expert_bias.copy_(torch.linspace(-0.2, 0.2, 4))
     x = torch.randn(2, 5, 32, device=DEVICE)
     eager = layer(x)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     out = compiled(x)
     out.sum().backward()
     torch.testing.assert_close(out, eager)
+    if expert_bias:  # the compiled forward counted the same 10 x 2 assignments again
+        assert layer.router.tokens_since_update.sum().item() == 2 * 10 * 2
 
 
 @pytest.mark.gpu

@@ -11,6 +11,8 @@ gradient norm), which must reach the routers of every pipeline stage.
   first stage reach its routers through `AuxLossAutoScaler` and join the logged loss.
 - EP=2 with the distributed optimizer on DP=2 and DP=4 (the experts' buckets sharded over the
   expert-data-parallel group); a DP=4 checkpoint resumes on the same curve.
+- Aux-loss-free balancing (expert bias) on DP=2 x EP=2 and TP=2 x EP=2: the token counts behind
+  each bias update are summed over the data-parallel ranks, as one process counts them.
 - EP=2 combined with model parallelism: TP=2 (with and without sequence parallelism and the
   distributed optimizer), PP=2, and TP=2 x PP=2 x EP=2 on 8 ranks; a TP=2 x EP=2 checkpoint resumes
   on the same curve, merges into the single-process model and splits back bit for bit.
@@ -40,6 +42,8 @@ MOE = LLAMA + ["--num-layers", "2", "--num-experts", "4", "--moe-router-topk", "
                "--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate", "--moe-aux-loss-coeff",
                "0.1", "--moe-z-loss-coeff", "0.01"]
 MOE_4_LAYERS = MOE + ["--num-layers", "4"]
+# aux-loss-free balancing: the per-step token counts are summed over the data-parallel ranks
+MOE_BIAS = MOE + ["--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.05"]
 TWO_RANKS = {
     "tp2": MOE + ["--tensor-model-parallel-size", "2"],
     "tp2_sp": MOE + ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
@@ -47,6 +51,7 @@ TWO_RANKS = {
     "pp2_interleaved": MOE_4_LAYERS + ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
                                        "1"],
     "dp2_ep2_distributed_optimizer": MOE + ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"],
+    "dp2_ep2_expert_bias": MOE_BIAS + ["--expert-model-parallel-size", "2"],
 }
 FOUR_RANKS = {
     # expert-data-parallel groups of 2: the experts' buckets are sharded too
@@ -59,6 +64,7 @@ FOUR_RANKS = {
     "tp2_sp_ep2_distributed_optimizer": MOE + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
                                                "--expert-model-parallel-size", "2", "--use-distributed-optimizer"],
     "pp2_ep2": MOE + ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"],
+    "tp2_ep2_expert_bias": MOE_BIAS + ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"],
 }
 EIGHT_RANKS = {
     "tp2_pp2_ep2_sp": MOE + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
@@ -73,15 +79,18 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("moe")
     save = str(tmp / "tp2")
     layouts = dict(TWO_RANKS, tp2_saved=TWO_RANKS["tp2"] + ["--save", save, "--exit-interval", "3"])
-    references = {"moe": train(MOE), "moe_4_layers": train(MOE_4_LAYERS)}
+    references = {"moe": train(MOE), "moe_4_layers": train(MOE_4_LAYERS), "moe_expert_bias": train(MOE_BIAS)}
     return references, launch(2, layouts, tmp), save
 
 
 @pytest.mark.slow
 def test_moe_two_rank_layouts_match_single_process(runs):
     references, curves, _ = runs
+    assert references["moe_expert_bias"]["loss"] != references["moe"]["loss"]  # the bias changes the routing
     for name in TWO_RANKS:
-        assert_same_curves(references["moe_4_layers" if name == "pp2_interleaved" else "moe"], curves[name], name)
+        reference = ("moe_4_layers" if name == "pp2_interleaved" else "moe_expert_bias" if "expert_bias" in name
+                     else "moe")
+        assert_same_curves(references[reference], curves[name], name)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +108,7 @@ def four_rank_runs(tmp_path_factory):
 def test_moe_four_rank_layouts_match_single_process(runs, four_rank_runs):
     references, (curves, _) = runs[0], four_rank_runs
     for name in FOUR_RANKS:
-        assert_same_curves(references["moe"], curves[name], name)
+        assert_same_curves(references["moe_expert_bias" if "expert_bias" in name else "moe"], curves[name], name)
 
 
 @pytest.mark.slow

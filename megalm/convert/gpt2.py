@@ -50,7 +50,8 @@ class GPT2(Architecture):
         }
 
     def matches(self, config: ModelConfig) -> bool:
-        return (config.position_embedding_type == "learned_absolute" and config.normalization == "LayerNorm"
+        return (not config.num_experts and config.position_embedding_type == "learned_absolute"
+                and config.normalization == "LayerNorm"
                 and not config.swiglu and config.add_bias_linear and config.query_groups == config.num_attention_heads
                 and config.head_dim * config.num_attention_heads == config.hidden_size)
 

@@ -58,6 +58,14 @@ def architecture_for_megalm(config: ModelConfig, name: Optional[str] = None) -> 
     for arch in ARCHITECTURES.values():
         if arch.matches(config):
             return arch
+    if config.num_experts:
+        from megalm.convert.moe_mappings import _MoEFamily
+        reasons = _MoEFamily.moe_mismatch(config)
+        raise ConversionError(
+            "no Hugging Face MoE family (Mixtral, Qwen2-MoE, DeepSeek-MoE) holds this megalm model"
+            + (f": none routes with {', '.join(reasons)}" if reasons else
+               " (see docs/MOE.md, Conversion, for what each family can hold: shared experts and their gate, "
+               "dense layers, top-k normalisation)") + f"; supported: {supported()}")
     raise ConversionError(
         f"no Hugging Face architecture holds this megalm model (position embedding "
         f"{config.position_embedding_type}, {config.normalization}, swiglu={config.swiglu}, "

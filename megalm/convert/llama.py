@@ -84,6 +84,10 @@ class Llama(Architecture):
         return {"attention_bias": False, "mlp_bias": False}
 
     def matches(self, config: ModelConfig) -> bool:
+        return not config.num_experts and self.decoder_matches(config)
+
+    def decoder_matches(self, config: ModelConfig) -> bool:
+        """The attention, norms and dense MLP are this family's (the MoE families reuse it)."""
         return (config.position_embedding_type == "rope" and config.normalization == "RMSNorm"
                 and config.swiglu and not config.add_bias_linear and config.add_qkv_bias == self.qkv_bias)
 

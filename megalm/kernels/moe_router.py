@@ -3,10 +3,13 @@
 For router logits z [t, E] (fp32):
 
     s = softmax(z)            (score_function "softmax")   or   s = sigmoid(z)   ("sigmoid")
-    idx = top-k indices of s per token, highest first
+    idx = top-k indices of s (+ bias, when given) per token, highest first
     g_j = s[idx_j]
     w_j = g_j / sum_i g_i     (when normalize; else w_j = g_j)
     w_j = w_j * scaling
+
+The optional `bias` [E] (aux-loss-free load balancing, DeepSeek-V3) only changes which experts are
+chosen: the weights are the unbiased scores of the chosen experts, and no gradient reaches the bias.
 
 Returns (weights [t, k] fp32, indices [t, k] int64, scores [t, E] fp32). `scores` is returned so the
 load-balancing loss can use the full distribution; gradients flow into z from both the weights and
@@ -36,9 +39,13 @@ def router_scores(logits: Tensor, score_function: str) -> Tensor:
 
 
 def topk_router_reference(logits: Tensor, topk: int, score_function: str = "softmax", normalize: bool = False,
-                          scaling: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+                          scaling: float = 1.0, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     scores = router_scores(logits, score_function)
-    gates, indices = torch.topk(scores, topk, dim=-1)
+    if bias is None:
+        gates, indices = torch.topk(scores, topk, dim=-1)
+    else:
+        indices = torch.topk(scores + bias.detach().float(), topk, dim=-1).indices
+        gates = scores.gather(1, indices)
     if normalize:
         gates = gates / gates.sum(dim=-1, keepdim=True)
     return gates * scaling, indices, scores
@@ -46,13 +53,13 @@ def topk_router_reference(logits: Tensor, topk: int, score_function: str = "soft
 
 @torch.library.custom_op("megalm::moe_router_forward", mutates_args=())
 def _router_forward(logits: Tensor, topk: int, sigmoid: bool, normalize: bool,
-                    scaling: float) -> tuple[Tensor, Tensor, Tensor]:
+                    scaling: float, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     from megalm.kernels._triton.moe_router import router_forward
-    return router_forward(logits, topk, sigmoid, normalize, scaling)
+    return router_forward(logits, topk, sigmoid, normalize, scaling, bias)
 
 
 @_router_forward.register_fake
-def _(logits, topk, sigmoid, normalize, scaling):
+def _(logits, topk, sigmoid, normalize, scaling, bias):
     t = logits.shape[0]
     return (logits.new_empty(t, topk, dtype=torch.float32), logits.new_empty(t, topk, dtype=torch.int64),
             logits.new_empty(logits.shape, dtype=torch.float32))
@@ -72,9 +79,11 @@ def _(logits, indices, d_weights, d_scores, sigmoid, normalize, scaling):
 
 class TopKRouterFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, topk, sigmoid, normalize, scaling):
+    def forward(ctx, logits, topk, sigmoid, normalize, scaling, bias=None):
         logits = logits.contiguous()
-        weights, indices, scores = _router_forward(logits, topk, sigmoid, normalize, scaling)
+        if bias is not None:
+            bias = bias.detach().float().contiguous()
+        weights, indices, scores = _router_forward(logits, topk, sigmoid, normalize, scaling, bias)
         ctx.save_for_backward(logits, indices)
         ctx.options = (sigmoid, normalize, scaling)
         ctx.mark_non_differentiable(indices)
@@ -89,7 +98,7 @@ class TopKRouterFunction(torch.autograd.Function):
             d_scores = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
         d_logits = _router_backward(logits, indices, d_weights.float().contiguous(), d_scores.float().contiguous(),
                                     *ctx.options)
-        return d_logits.to(logits.dtype), None, None, None, None
+        return d_logits.to(logits.dtype), None, None, None, None, None
 
 
 def _unsupported(logits: Tensor):
@@ -108,12 +117,15 @@ def _unsupported(logits: Tensor):
 
 
 def topk_router(logits: Tensor, topk: int, score_function: str = "softmax", normalize: bool = False,
-                scaling: Optional[float] = None, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+                scaling: Optional[float] = None, backend: str = "auto",
+                bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """logits [t, E] -> (weights [t, k] fp32, indices [t, k] int64, scores [t, E] fp32); see the module doc."""
     if score_function not in SCORE_FUNCTIONS:
         raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {score_function!r}")
+    if bias is not None and bias.shape != (logits.shape[-1],):
+        raise ValueError(f"the expert bias must have one entry per expert ({logits.shape[-1]}), got {tuple(bias.shape)}")
     scaling = 1.0 if scaling is None else float(scaling)
     impl = dispatch.select("moe_router", backend, logits.device, ("triton",), _unsupported(logits))
     if impl == "reference":
-        return topk_router_reference(logits, topk, score_function, normalize, scaling)
-    return TopKRouterFunction.apply(logits, topk, score_function == "sigmoid", normalize, scaling)
+        return topk_router_reference(logits, topk, score_function, normalize, scaling, bias)
+    return TopKRouterFunction.apply(logits, topk, score_function == "sigmoid", normalize, scaling, bias)

@@ -6,7 +6,9 @@ DeepSeek-MoE's layer (Dai et al., 2024), which contains Mixtral's and Switch's a
 
 - `TopKRouter`: logits = x W_r^T in fp32; scores = softmax or sigmoid of the logits; the top-k
   experts of each token and their weights (optionally renormalised to sum to 1, and scaled)
-  (`megalm.kernels.topk_router`).
+  (`megalm.kernels.topk_router`). With `--moe-router-enable-expert-bias` a per-expert bias joins
+  the scores for the choice only, and `update_expert_bias` moves it toward balance after each step
+  (DeepSeek-V3's aux-loss-free balancing).
 - Dispatch: the token rows go to expert-contiguous order (`megalm.kernels.permute`), dropless by
   default; with `--moe-expert-capacity-factor` every expert keeps at most its capacity, dropping
   its lowest-probability assignments. With expert parallelism the rows then travel to the ranks
@@ -74,12 +76,24 @@ class TopKRouter(nn.Module):
         self.scaling = config.moe_router_topk_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         normal_init(config.init_method_std)(self.weight)
+        # Aux-loss-free load balancing (DeepSeek-V3): a bias added to the scores for the top-k
+        # choice only. Not trained by the optimizer (no gradient reaches it): `update_expert_bias`
+        # moves it after every step. A parameter without gradient rather than a buffer, so that
+        # checkpoints, resharding and the start-up broadcast carry it like the router's weight.
+        self.expert_bias = None
+        self.bias_update_rate = config.moe_router_bias_update_rate
+        if config.moe_router_enable_expert_bias:
+            self.expert_bias = nn.Parameter(torch.zeros(config.num_experts), requires_grad=False)
+            self.register_buffer("tokens_since_update", torch.zeros(config.num_experts), persistent=False)
 
     def forward(self, x: torch.Tensor):
         """x [t, h] -> (logits [t, E] fp32, weights [t, k] fp32, indices [t, k], scores [t, E] fp32)."""
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
-        weights, indices, scores = topk_router(logits, self.topk, self.score_function, self.normalize, self.scaling)
+        weights, indices, scores = topk_router(logits, self.topk, self.score_function, self.normalize, self.scaling,
+                                               bias=self.expert_bias)
+        if self.expert_bias is not None and self.training:
+            self.tokens_since_update += torch.bincount(indices.reshape(-1), minlength=self.num_experts)
         return logits, weights, indices, scores
 
 
@@ -242,6 +256,24 @@ class AuxLossAutoScaler(torch.autograd.Function):
 
 def moe_layers(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+@torch.no_grad()
+def update_expert_bias(models, group=None) -> None:
+    """Aux-loss-free load balancing (DeepSeek-V3, Wang et al. 2024): after a step, move each expert's
+    bias by `--moe-router-bias-update-rate` up if it received fewer tokens than the layer's mean and
+    down if more, counting the tokens of every micro-batch of the step summed over `group` (the
+    data-parallel ranks; the tensor-parallel ranks route the same tokens and update alike).
+    Collective over `group`; nothing to do without the flag."""
+    routers = [m.router for model in models for m in moe_layers(model) if m.router.expert_bias is not None]
+    if not routers:
+        return
+    counts = torch.stack([r.tokens_since_update for r in routers])  # [layers, E]
+    if group is not None:
+        torch.distributed.all_reduce(counts, group=group)
+    for router, c in zip(routers, counts):
+        router.expert_bias.add_(torch.sign(c.mean() - c) * router.bias_update_rate)
+        router.tokens_since_update.zero_()
 
 
 def moe_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from megalm.config import Config
-from megalm.model.moe import AuxLossAutoScaler, moe_aux_loss, moe_log, moe_statistics
+from megalm.model.moe import AuxLossAutoScaler, moe_aux_loss, moe_log, moe_statistics, update_expert_bias
 from megalm.parallel import pipeline
 from megalm.parallel import state as parallel_state
 from megalm.parallel.clip_grads import clip_grad_norm
@@ -351,6 +351,8 @@ class Trainer:
         self.scaler.update(found_inf)
         if not found_inf:
             self.optimizer.step()
+        # The expert biases follow the load of every step, skipped or not (Megatron-LM's order).
+        update_expert_bias(self.chunks, self.state.data_parallel_group if self.state.distributed else None)
         # Only the last pipeline stage computes the loss; the others report the MoE aux losses of
         # their layers (0 without), which `_dp_mean` adds.
         loss = torch.stack(losses).mean() if losses else torch.zeros((), device=self.state.device)

@@ -24,25 +24,31 @@ def _scores(z, mask, SIGMOID: tl.constexpr):
 
 
 @triton.jit
-def _router_forward_kernel(Z, W, IDX, S, E, scaling, TOPK: tl.constexpr, SIGMOID: tl.constexpr,
-                           NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+def _router_forward_kernel(Z, B, W, IDX, S, E, scaling, TOPK: tl.constexpr, SIGMOID: tl.constexpr,
+                           NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     mask = cols < E
     z = tl.load(Z + row * E + cols, mask=mask, other=0.0)
     s = _scores(z, mask, SIGMOID)
     tl.store(S + row * E + cols, s, mask=mask)
-    # Candidates: padding lanes sit below every real score (sigmoid and softmax are >= 0).
-    remaining = tl.where(mask, s, -1.0)
+    # Candidates: the scores, plus the expert bias when given (it decides the choice only); padding
+    # lanes and chosen experts sit at -inf, below every real candidate.
+    candidates = s
+    if HAS_BIAS:
+        candidates = s + tl.load(B + cols, mask=mask, other=0.0)
+    remaining = tl.where(mask, candidates, float("-inf"))
     lanes = tl.arange(0, BLOCK_K)
     gates = tl.zeros([BLOCK_K], dtype=tl.float32)
     picks = tl.zeros([BLOCK_K], dtype=tl.int64)
     for j in tl.static_range(TOPK):
         best = tl.max(remaining, axis=0)
         pick = tl.min(tl.where(remaining == best, cols, BLOCK_E), axis=0)
-        gates = tl.where(lanes == j, best, gates)
+        gate = tl.sum(tl.where(cols == pick, s, 0.0), axis=0)  # the unbiased score
+        gates = tl.where(lanes == j, gate, gates)
         picks = tl.where(lanes == j, pick.to(tl.int64), picks)
-        remaining = tl.where(cols == pick, -2.0, remaining)
+        remaining = tl.where(cols == pick, float("-inf"), remaining)
     if NORMALIZE:
         gates = gates / tl.sum(gates, axis=0)
     gates = gates * scaling
@@ -78,14 +84,15 @@ def _router_backward_kernel(Z, IDX, DW, DS, DZ, E, scaling, TOPK: tl.constexpr, 
     tl.store(DZ + row * E + cols, dz, mask=mask)
 
 
-def router_forward(logits: torch.Tensor, topk: int, sigmoid: bool, normalize: bool, scaling: float):
+def router_forward(logits: torch.Tensor, topk: int, sigmoid: bool, normalize: bool, scaling: float,
+                   bias: torch.Tensor = None):
     t, e = logits.shape
     weights = torch.empty(t, topk, dtype=torch.float32, device=logits.device)
     indices = torch.empty(t, topk, dtype=torch.int64, device=logits.device)
     scores = torch.empty(t, e, dtype=torch.float32, device=logits.device)
-    _router_forward_kernel[(t,)](logits, weights, indices, scores, e, scaling, TOPK=topk, SIGMOID=sigmoid,
-                                 NORMALIZE=normalize, BLOCK_E=next_power_of_2(e), BLOCK_K=next_power_of_2(topk),
-                                 num_warps=4)
+    _router_forward_kernel[(t,)](logits, bias if bias is not None else logits, weights, indices, scores, e, scaling,
+                                 TOPK=topk, SIGMOID=sigmoid, NORMALIZE=normalize, HAS_BIAS=bias is not None,
+                                 BLOCK_E=next_power_of_2(e), BLOCK_K=next_power_of_2(topk), num_warps=4)
     return weights, indices, scores
 
 
