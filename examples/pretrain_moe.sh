@@ -8,7 +8,8 @@
 #   NPROC=8 TP=2 EP=4 bash examples/pretrain_moe.sh                   # tensor 2 x data 4, experts split 4 ways
 #   DATA=data/owt_text_document bash examples/pretrain_moe.sh         # real data (GPT-2 tokenizer)
 #
-# Without DATA it trains on --mock-data. Drop tokens with --moe-expert-capacity-factor 1.25.
+# Without DATA it trains on --mock-data. Drop tokens with --moe-expert-capacity-factor 1.25; balance
+# without an aux loss (DeepSeek-V3) with --moe-router-enable-expert-bias --moe-aux-loss-coeff 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-1}
