@@ -163,6 +163,12 @@ class ModelConfig:
                "less loaded experts.")
     moe_router_bias_update_rate: float = opt(
         1e-3, "Step of the expert bias per optimizer step (--moe-router-enable-expert-bias).")
+    moe_router_num_groups: Optional[int] = opt(
+        None, "Group-limited routing (DeepSeek-V2/V3): split the experts into this many groups and route "
+              "each token within its best --moe-router-group-topk groups (default: no groups).")
+    moe_router_group_topk: Optional[int] = opt(
+        None, "Groups each token may use (--moe-router-num-groups); a group's score is the sum of its top "
+              "k / group-topk scores.")
     moe_aux_loss_coeff: float = opt(
         0.0, "Load-balancing loss coefficient (Switch / GShard: num-experts x sum_i f_i P_i per layer).")
     moe_z_loss_coeff: float = opt(0.0, "Router z-loss coefficient (mean of logsumexp(router logits)^2).")
@@ -509,6 +515,17 @@ class Config:
             value = getattr(m, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if (m.moe_router_num_groups is None) != (m.moe_router_group_topk is None):
+            raise ConfigError("--moe-router-num-groups and --moe-router-group-topk go together")
+        if m.moe_router_num_groups is not None:
+            g, gk, k, e = m.moe_router_num_groups, m.moe_router_group_topk, m.moe_router_topk, m.num_experts
+            if g <= 0 or e % g:
+                raise ConfigError(f"--moe-router-num-groups ({g}) must divide --num-experts ({e})")
+            if not 1 <= gk <= g:
+                raise ConfigError(f"--moe-router-group-topk ({gk}) must be between 1 and --moe-router-num-groups ({g})")
+            if not gk <= k <= gk * (e // g):
+                raise ConfigError(f"--moe-router-topk ({k}) must be between --moe-router-group-topk ({gk}) and the "
+                                  f"experts of the kept groups ({gk} x {e // g})")
         if m.moe_router_bias_update_rate <= 0:
             raise ConfigError(f"--moe-router-bias-update-rate must be positive, got {m.moe_router_bias_update_rate}")
         if m.moe_aux_loss_coeff < 0 or m.moe_z_loss_coeff < 0:

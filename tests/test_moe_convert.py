@@ -222,3 +222,44 @@ def test_moe_model_without_a_family_is_refused_with_the_reason(tmp_path, extra, 
     with pytest.raises(ConversionError, match=re.escape(reason)):
         megalm_to_hf(ckpt, str(tmp_path / "hf"), **quiet())
     assert not os.path.exists(tmp_path / "hf")
+
+
+def test_deepseek_v3_routing_matches_transformers_moe_block():
+    """Sigmoid scores, the expert bias (e_score_correction_bias), group-limited choice, renormalised
+    and scaled weights, shared experts: megalm's MoE layer equals transformers' DeepseekV3MoE with
+    the same weights (k / group_topk = 2: the sum of each group's top two, as there)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    from megalm.model.moe import MoELayer
+    torch.manual_seed(0)
+    h, e, f = 32, 16, 24
+    v3 = transformers.DeepseekV3Config(hidden_size=h, n_routed_experts=e, num_experts_per_tok=4, n_group=4,
+                                       topk_group=2, moe_intermediate_size=f, n_shared_experts=2,
+                                       norm_topk_prob=True, routed_scaling_factor=2.5, hidden_act="silu")
+    reference = DeepseekV3MoE(v3).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        reference.gate.e_score_correction_bias.copy_(torch.randn(e) * 0.05)
+    config = ModelConfig(num_layers=1, hidden_size=h, num_attention_heads=4, seq_length=16, swiglu=True,
+                         add_bias_linear=False, num_experts=e, moe_router_topk=4, moe_ffn_hidden_size=f,
+                         moe_shared_expert_intermediate_size=2 * f, moe_router_score_function="sigmoid",
+                         moe_router_norm_topk_prob=True, moe_router_topk_scaling_factor=2.5,
+                         moe_router_enable_expert_bias=True, moe_router_num_groups=4, moe_router_group_topk=2,
+                         padded_vocab_size=64)
+    layer = MoELayer(config, 0).eval()
+    shared = reference.shared_experts
+    with torch.no_grad():
+        layer.router.weight.copy_(reference.gate.weight)
+        layer.router.expert_bias.copy_(reference.gate.e_score_correction_bias)
+        layer.experts.weight1.copy_(reference.experts.gate_up_proj)
+        layer.experts.weight2.copy_(reference.experts.down_proj)
+        layer.shared_experts.linear_fc1.weight.copy_(torch.cat([shared.gate_proj.weight, shared.up_proj.weight]))
+        layer.shared_experts.linear_fc2.weight.copy_(shared.down_proj.weight)
+    x = torch.randn(2, 24, h)
+    with torch.no_grad():
+        _, want_weights, want_indices = reference.gate(x)
+        _, weights, indices, _ = layer.router(x.reshape(-1, h))
+        assert torch.equal(indices.sort(-1).values, want_indices.sort(-1).values)
+        torch.testing.assert_close(weights.gather(1, indices.argsort(-1)), want_weights.gather(1, want_indices.argsort(-1)))
+        torch.testing.assert_close(layer(x), reference(x), atol=1e-5, rtol=1e-5)

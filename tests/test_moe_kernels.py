@@ -40,6 +40,40 @@ def test_router_triton_matches_reference(score_function, normalize, scaling, top
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("groups,group_topk,topk", [(4, 2, 4), (8, 3, 6), (2, 1, 2)])
+def test_group_limited_router_triton_matches_reference(score_function, groups, group_topk, topk):
+    """Each token's experts come from its best groups only, on both paths, forward and backward."""
+    g = _gen(groups * 10 + topk)
+    experts = 16
+    logits = torch.randn(29, experts, generator=g).to(DEVICE)
+    bias = torch.randn(experts, generator=g).to(DEVICE) * 0.2
+    d_weights = torch.randn(29, topk, generator=g).to(DEVICE)
+    results = []
+    for backend in ("triton", "reference"):
+        z = logits.clone().requires_grad_()
+        weights, indices, scores = K.topk_router(z, topk, score_function, True, 1.5, backend=backend, bias=bias,
+                                                 num_groups=groups, group_topk=group_topk)
+        (weights * d_weights).sum().backward()
+        results.append((weights, indices, scores, z.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    indices = results[0][1]
+    per_group = experts // groups
+    assert all(len(set((indices[i] // per_group).tolist())) <= group_topk for i in range(29))
+    # the groups kept are the best by the sum of their top k / group_topk biased scores
+    choice = (results[0][2] + bias).view(29, groups, per_group).topk(topk // group_topk, dim=-1).values.sum(-1)
+    best = choice.topk(group_topk, dim=-1).indices
+    assert all(set((indices[i] // per_group).tolist()) <= set(best[i].tolist()) for i in range(29))
+
+
+def test_group_limited_routing_rejects_impossible_shapes():
+    logits = torch.randn(3, 12)
+    for groups, group_topk, topk in ((5, 1, 2), (4, 5, 4), (4, 1, 4), (4, 2, 1)):
+        with pytest.raises(ValueError, match="group-limited routing needs"):
+            K.topk_router(logits, topk, "sigmoid", num_groups=groups, group_topk=group_topk)
+
+
 def test_router_bias_changes_the_choice_not_the_weights():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]], device=DEVICE)
     bias = torch.tensor([0.0, 0.0, 0.0, 5.0], device=DEVICE)  # pulls the last expert in
@@ -185,7 +219,7 @@ def compile(fn, signature, constexprs, warps):
 for sigmoid in (True, False):
     for bias in (True, False):
         compile(R._router_forward_kernel, {"Z": "*fp32", "B": "*fp32", "W": "*fp32", "IDX": "*i64", "S": "*fp32",
-                "E": "i32", "scaling": "fp32"}, {"TOPK": 6, "SIGMOID": sigmoid, "NORMALIZE": True, "HAS_BIAS": bias,
+                "E": "i32", "b_stride": "i32", "scaling": "fp32"}, {"TOPK": 6, "SIGMOID": sigmoid, "NORMALIZE": True, "HAS_BIAS": bias,
                 "BLOCK_E": 64, "BLOCK_K": 8}, 4)
     compile(R._router_backward_kernel, {"Z": "*fp32", "IDX": "*i64", "DW": "*fp32", "DS": "*fp32", "DZ": "*fp32",
             "E": "i32", "scaling": "fp32"}, {"TOPK": 6, "SIGMOID": sigmoid, "NORMALIZE": True, "BLOCK_E": 64,

@@ -109,6 +109,8 @@ class _MoEFamily:
             reasons.append(f"--moe-router-topk-scaling-factor {config.moe_router_topk_scaling_factor}")
         if config.moe_router_enable_expert_bias:
             reasons.append("--moe-router-enable-expert-bias")
+        if config.moe_router_num_groups:
+            reasons.append("--moe-router-num-groups")
         if config.moe_pad_expert_input_to_capacity:
             reasons.append("--moe-pad-expert-input-to-capacity")
         return reasons

@@ -10,6 +10,10 @@ For router logits z [t, E] (fp32):
 
 The optional `bias` [E] (aux-loss-free load balancing, DeepSeek-V3) only changes which experts are
 chosen: the weights are the unbiased scores of the chosen experts, and no gradient reaches the bias.
+Group-limited routing (DeepSeek-V2/V3, `num_groups`, `group_topk`) also acts on the choice only:
+the E experts form G groups of E / G, a group's score is the sum of its top k / group_topk choice
+scores (s + bias), only the best `group_topk` groups stay candidates. It is computed with torch ops
+and handed to the kernels as a per-token bias [t, E] (-inf outside the kept groups).
 
 Returns (weights [t, k] fp32, indices [t, k] int64, scores [t, E] fp32). `scores` is returned so the
 load-balancing loss can use the full distribution; gradients flow into z from both the weights and
@@ -49,6 +53,22 @@ def topk_router_reference(logits: Tensor, topk: int, score_function: str = "soft
     if normalize:
         gates = gates / gates.sum(dim=-1, keepdim=True)
     return gates * scaling, indices, scores
+
+
+def group_limited_bias(scores: Tensor, bias: Optional[Tensor], num_groups: int, group_topk: int,
+                       topk: int) -> Tensor:
+    """The per-token bias [t, E] that restricts the choice to each token's best `group_topk` groups
+    (adding `bias` [E] when given)."""
+    choice = scores.detach().float()
+    if bias is not None:
+        choice = choice + bias.detach().float()
+    t, e = choice.shape
+    per_group = e // num_groups
+    group_scores = choice.view(t, num_groups, per_group).topk(topk // group_topk, dim=-1).values.sum(-1)
+    kept = group_scores.topk(group_topk, dim=-1).indices  # [t, group_topk]
+    keep = torch.zeros(t, num_groups, dtype=torch.bool, device=choice.device).scatter_(1, kept, True)
+    offset = torch.zeros_like(choice).masked_fill_(~keep.repeat_interleave(per_group, dim=1), float("-inf"))
+    return offset if bias is None else offset + bias.detach().float()
 
 
 @torch.library.custom_op("megalm::moe_router_forward", mutates_args=())
@@ -117,13 +137,20 @@ def _unsupported(logits: Tensor):
 
 
 def topk_router(logits: Tensor, topk: int, score_function: str = "softmax", normalize: bool = False,
-                scaling: Optional[float] = None, backend: str = "auto",
-                bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                scaling: Optional[float] = None, backend: str = "auto", bias: Optional[Tensor] = None,
+                num_groups: Optional[int] = None, group_topk: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
     """logits [t, E] -> (weights [t, k] fp32, indices [t, k] int64, scores [t, E] fp32); see the module doc."""
     if score_function not in SCORE_FUNCTIONS:
         raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {score_function!r}")
-    if bias is not None and bias.shape != (logits.shape[-1],):
-        raise ValueError(f"the expert bias must have one entry per expert ({logits.shape[-1]}), got {tuple(bias.shape)}")
+    e = logits.shape[-1]
+    if bias is not None and bias.shape != (e,):
+        raise ValueError(f"the expert bias must have one entry per expert ({e}), got {tuple(bias.shape)}")
+    if num_groups:
+        if e % num_groups or not 1 <= group_topk <= num_groups or not group_topk <= topk <= group_topk * (e // num_groups):
+            raise ValueError(f"group-limited routing needs E ({e}) divisible by the groups ({num_groups}), "
+                             f"1 <= group_topk ({group_topk}) <= groups and group_topk <= k ({topk}) <= "
+                             f"group_topk x E / groups")
+        bias = group_limited_bias(router_scores(logits.detach(), score_function), bias, num_groups, group_topk, topk)
     scaling = 1.0 if scaling is None else float(scaling)
     impl = dispatch.select("moe_router", backend, logits.device, ("triton",), _unsupported(logits))
     if impl == "reference":

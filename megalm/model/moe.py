@@ -8,7 +8,8 @@ DeepSeek-MoE's layer (Dai et al., 2024), which contains Mixtral's and Switch's a
   experts of each token and their weights (optionally renormalised to sum to 1, and scaled)
   (`megalm.kernels.topk_router`). With `--moe-router-enable-expert-bias` a per-expert bias joins
   the scores for the choice only, and `update_expert_bias` moves it toward balance after each step
-  (DeepSeek-V3's aux-loss-free balancing).
+  (DeepSeek-V3's aux-loss-free balancing); `--moe-router-num-groups` limits each token to its best
+  groups of experts (DeepSeek-V2/V3).
 - Dispatch: the token rows go to expert-contiguous order (`megalm.kernels.permute`), dropless by
   default; with `--moe-expert-capacity-factor` every expert keeps at most its capacity, dropping
   its lowest-probability assignments. With expert parallelism the rows then travel to the ranks
@@ -74,6 +75,7 @@ class TopKRouter(nn.Module):
         self.score_function = config.moe_router_score_function
         self.normalize = config.moe_router_norm_topk_prob
         self.scaling = config.moe_router_topk_scaling_factor
+        self.num_groups, self.group_topk = config.moe_router_num_groups, config.moe_router_group_topk
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         normal_init(config.init_method_std)(self.weight)
         # Aux-loss-free load balancing (DeepSeek-V3): a bias added to the scores for the top-k
@@ -91,7 +93,8 @@ class TopKRouter(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
         weights, indices, scores = topk_router(logits, self.topk, self.score_function, self.normalize, self.scaling,
-                                               bias=self.expert_bias)
+                                               bias=self.expert_bias, num_groups=self.num_groups,
+                                               group_topk=self.group_topk)
         if self.expert_bias is not None and self.training:
             self.tokens_since_update += torch.bincount(indices.reshape(-1), minlength=self.num_experts)
         return logits, weights, indices, scores

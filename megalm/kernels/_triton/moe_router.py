@@ -24,7 +24,7 @@ def _scores(z, mask, SIGMOID: tl.constexpr):
 
 
 @triton.jit
-def _router_forward_kernel(Z, B, W, IDX, S, E, scaling, TOPK: tl.constexpr, SIGMOID: tl.constexpr,
+def _router_forward_kernel(Z, B, W, IDX, S, E, b_stride, scaling, TOPK: tl.constexpr, SIGMOID: tl.constexpr,
                            NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr,
                            BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -33,11 +33,12 @@ def _router_forward_kernel(Z, B, W, IDX, S, E, scaling, TOPK: tl.constexpr, SIGM
     z = tl.load(Z + row * E + cols, mask=mask, other=0.0)
     s = _scores(z, mask, SIGMOID)
     tl.store(S + row * E + cols, s, mask=mask)
-    # Candidates: the scores, plus the expert bias when given (it decides the choice only); padding
-    # lanes and chosen experts sit at -inf, below every real candidate.
+    # Candidates: the scores, plus the bias when given (it decides the choice only): per expert, or
+    # per token and expert (b_stride = E; -inf drops an expert); padding lanes and chosen experts
+    # sit at -inf, below every real candidate.
     candidates = s
     if HAS_BIAS:
-        candidates = s + tl.load(B + cols, mask=mask, other=0.0)
+        candidates = s + tl.load(B + row * b_stride + cols, mask=mask, other=0.0)
     remaining = tl.where(mask, candidates, float("-inf"))
     lanes = tl.arange(0, BLOCK_K)
     gates = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -90,7 +91,9 @@ def router_forward(logits: torch.Tensor, topk: int, sigmoid: bool, normalize: bo
     weights = torch.empty(t, topk, dtype=torch.float32, device=logits.device)
     indices = torch.empty(t, topk, dtype=torch.int64, device=logits.device)
     scores = torch.empty(t, e, dtype=torch.float32, device=logits.device)
-    _router_forward_kernel[(t,)](logits, bias if bias is not None else logits, weights, indices, scores, e, scaling,
+    b_stride = e if bias is not None and bias.dim() == 2 else 0
+    _router_forward_kernel[(t,)](logits, bias if bias is not None else logits, weights, indices, scores, e, b_stride,
+                                 scaling,
                                  TOPK=topk, SIGMOID=sigmoid, NORMALIZE=normalize, HAS_BIAS=bias is not None,
                                  BLOCK_E=next_power_of_2(e), BLOCK_K=next_power_of_2(topk), num_warps=4)
     return weights, indices, scores
