@@ -24,6 +24,13 @@ Methods (the embedding, the output layer and the norms stay in full precision):
 
 Scales are stored fp16 and the zero points uint8 (one byte per group). `QuantizedLinear` replaces
 each linear: it dequantizes its weight and calls `F.linear` (a reference path, no fused kernel).
+
+Mixture-of-experts layers: the routed experts, most of such a model's weights, are quantized too
+(`QuantizedExperts`): every expert's fc1 [2 ffn, h] and fc2 [h, ffn] like a linear (rows per
+expert, groups along its input features), the forward dequantizing them for the same grouped
+GEMMs. GPTQ calibrates each expert on the rows routed to it (fc2 on the SwiGLU of those rows
+through the original fc1); an expert that received no calibration row is rounded to nearest. The
+router stays in full precision: the choice of experts must not move.
 `save_quantized` / `load_quantized` keep such a model in a directory: model.safetensors,
 quantization.json (method and model config) and tokenizer/.
 """
@@ -132,6 +139,26 @@ class QuantizedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
+class QuantizedExperts(nn.Module):
+    """The routed experts of an MoE layer (`megalm.model.moe.GroupedExperts`) with quantized weights:
+    fc1 [E, 2 ffn, h] and fc2 [E, h, ffn], each stored as one `QuantizedLinear` of E x rows."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int, bits: int, group_size: int, device=None):
+        super().__init__()
+        self.num_experts, self.hidden, self.ffn = num_experts, hidden, ffn
+        self.fc1 = QuantizedLinear(hidden, num_experts * 2 * ffn, bits, group_size, False, device=device)
+        self.fc2 = QuantizedLinear(ffn, num_experts * hidden, bits, group_size, False, device=device)
+
+    def forward(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        from megalm.model.moe import swiglu_experts
+        w1 = self.fc1.dequantize().view(self.num_experts, 2 * self.ffn, self.hidden)
+        w2 = self.fc2.dequantize().view(self.num_experts, self.hidden, self.ffn)
+        return swiglu_experts(x, w1, w2, tokens_per_expert)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden}, ffn={self.ffn}, bits={self.fc1.bits}"
+
+
 # ---- round to nearest and GPTQ for one weight --------------------------------------------------
 
 def quantize_rtn(w: Tensor, bits: int, group_size: int, symmetric: bool):
@@ -213,6 +240,29 @@ def _replace(root: nn.Module, name: str, linear: nn.Module, bits: int, group_siz
     setattr(root.get_submodule(parent_name) if parent_name else root, child, q)
 
 
+def _grouped_experts(module: nn.Module):
+    from megalm.model.moe import GroupedExperts
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, GroupedExperts)]
+
+
+def _replace_experts(root: nn.Module, name: str, experts: nn.Module, bits: int, group_size: int, quantized: list):
+    """Swap `experts` for a QuantizedExperts holding `quantized` = [(codes, scales, zeros) of fc1, of fc2],
+    each [E x rows, ...]."""
+    e, two_ffn, hidden = experts.weight1.shape
+    dev = experts.weight1.device
+    q = QuantizedExperts(e, hidden, two_ffn // 2, bits, group_size, device=dev)
+    for store, (codes, scales, zeros) in zip((q.fc1, q.fc2), quantized):
+        store.set_codes(codes.to(dev), scales.to(dev), zeros.to(dev) if bits == 4 else None)
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, q)
+
+
+def _rtn_experts(experts: nn.Module, bits: int, group_size: int, symmetric: bool) -> list:
+    """Round every expert's rows to nearest: rows are independent, so the experts stack as rows."""
+    return [quantize_rtn(w.detach().reshape(-1, w.shape[-1]), bits, group_size, symmetric)
+            for w in (experts.weight1, experts.weight2)]
+
+
 def _bits(method: str) -> int:
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
@@ -227,7 +277,8 @@ class _Stop(Exception):
 def quantize_model(model: nn.Module, method: str, calibration: Optional[Iterable[Tensor]] = None,
                    group_size: int = 128, symmetric: bool = False, act_order: bool = False,
                    damp: float = 0.01, block_size: int = 128) -> nn.Module:
-    """Replace the linears of `model.layers` by `QuantizedLinear`s, in place; returns the model.
+    """Replace the linears of `model.layers` by `QuantizedLinear`s (and an MoE layer's routed experts by
+    `QuantizedExperts`), in place; returns the model.
 
     gptq-int4 needs `calibration`: token batches [b, s] run through the model.
     """
@@ -238,6 +289,9 @@ def quantize_model(model: nn.Module, method: str, calibration: Optional[Iterable
             for name, linear in _linears(layer):
                 _replace(layer, name, linear, bits, group_size,
                          *quantize_rtn(linear.weight.detach(), bits, group_size, symmetric))
+            for name, experts in _grouped_experts(layer):
+                _replace_experts(layer, name, experts, bits, group_size,
+                                 _rtn_experts(experts, bits, group_size, symmetric))
         return model
     if calibration is None:
         raise ValueError("gptq-int4 needs calibration token batches")
@@ -273,6 +327,25 @@ def quantize_model(model: nn.Module, method: str, calibration: Optional[Iterable
             return hook
 
         handles = [m.register_forward_hook(accumulate(name)) for name, m in linears]
+        # Per expert: the Hessian of its fc1 inputs (the rows routed to it) and of its fc2 inputs.
+        expert_hessians = {}
+
+        def accumulate_experts(name):
+            def hook(module, inputs, output):
+                from megalm.kernels import swiglu
+                x, counts = inputs[0].float(), inputs[1].tolist()
+                h1, h2 = expert_hessians.setdefault(name, (
+                    torch.zeros(len(counts), x.shape[1], x.shape[1], device=x.device),
+                    torch.zeros(len(counts), module.weight2.shape[2], module.weight2.shape[2], device=x.device)))
+                for e, rows in enumerate(torch.split(x, counts)):
+                    if rows.shape[0]:
+                        inner = swiglu(rows @ module.weight1[e].float().t())
+                        h1[e] += 2.0 * rows.t() @ rows
+                        h2[e] += 2.0 * inner.t() @ inner
+            return hook
+
+        experts_list = _grouped_experts(layer)
+        handles += [m.register_forward_hook(accumulate_experts(name)) for name, m in experts_list]
         for args, kwargs in captured:
             layer(*args, **kwargs)
         for h in handles:
@@ -281,6 +354,18 @@ def quantize_model(model: nn.Module, method: str, calibration: Optional[Iterable
             codes, scales, zeros = quantize_gptq(linear.weight.detach().cpu(), hessians[name].cpu(), bits,
                                                  group_size, symmetric, act_order, block_size, damp)
             _replace(layer, name, linear, bits, group_size, codes, scales, zeros)
+        for name, experts in experts_list:
+            quantized = []
+            for w, hs in zip((experts.weight1, experts.weight2), expert_hessians.get(name, (None, None))):
+                per_expert = []
+                for e in range(w.shape[0]):
+                    if hs is None or not hs[e].diagonal().any():  # no calibration row reached it
+                        per_expert.append(quantize_rtn(w[e].detach().cpu(), bits, group_size, symmetric))
+                    else:
+                        per_expert.append(quantize_gptq(w[e].detach().cpu(), hs[e].cpu(), bits, group_size,
+                                                        symmetric, act_order, block_size, damp))
+                quantized.append(tuple(torch.cat(parts) for parts in zip(*per_expert)))
+            _replace_experts(layer, name, experts, bits, group_size, quantized)
         captured = [((layer(*args, **kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in captured]
     return model
 
@@ -331,6 +416,11 @@ def load_quantized(path: str):
         for name, linear in _linears(layer):
             q = QuantizedLinear(linear.weight.shape[1], linear.weight.shape[0], bits, settings["group_size"],
                                 linear.bias is not None)
+            parent_name, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent_name) if parent_name else layer, child, q)
+        for name, experts in _grouped_experts(layer):
+            e, two_ffn, hidden = experts.weight1.shape
+            q = QuantizedExperts(e, hidden, two_ffn // 2, bits, settings["group_size"])
             parent_name, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent_name) if parent_name else layer, child, q)
     model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))

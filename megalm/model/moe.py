@@ -129,14 +129,19 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x [m, h], rows grouped by local expert (tokens_per_expert [E_local]) -> [m, h]."""
-        w1, w2 = self.weight1, self.weight2
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
-        elif x.dtype != w1.dtype:
-            x = x.to(w1.dtype)
-        h = grouped_gemm(x, w1, tokens_per_expert)  # [m, 2 ffn]
-        return grouped_gemm(swiglu(h), w2, tokens_per_expert)  # [m, h]
+        return swiglu_experts(x, self.weight1, self.weight2, tokens_per_expert)
+
+
+def swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Every expert's SwiGLU MLP on its rows of x [m, h] as two grouped GEMMs: w1 [E, 2 ffn, h] (gate
+    half first), w2 [E, h, ffn]; in the autocast dtype under autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
+    elif x.dtype != w1.dtype:
+        x = x.to(w1.dtype)
+    h = grouped_gemm(x, w1, tokens_per_expert)  # [m, 2 ffn]
+    return grouped_gemm(swiglu(h), w2, tokens_per_expert)  # [m, h]
 
 
 class MoELayer(nn.Module):
