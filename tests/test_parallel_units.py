@@ -144,7 +144,8 @@ def test_planner_counts_the_parameters_of_an_moe_model(layout):
                             "--num-query-groups", "2", "--seq-length", "32", "--swiglu", "--ffn-hidden-size", "96",
                             "--num-experts", "8", "--moe-ffn-hidden-size", "32", "--moe-router-topk", "2",
                             "--moe-shared-expert-intermediate-size", "64", "--moe-shared-expert-gate",
-                            "--moe-layer-freq", "[0,1,1,0]", "--vocab-size", "1000", "--micro-batch-size", "1",
+                            "--moe-layer-freq", "[0,1,1,0]", "--moe-router-enable-expert-bias",
+                            "--vocab-size", "1000", "--micro-batch-size", "1",
                             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
                             "--expert-model-parallel-size", str(ep), "--use-distributed-optimizer"])
     config.model.padded_vocab_size = 1024

@@ -65,7 +65,7 @@ def layer_parameters(c: Config, moe: bool = False) -> dict:
     replicated = 2 * h * (2 if m.normalization == "LayerNorm" else 1) + (h if bias else 0)
     expert = 0
     if moe:
-        replicated += m.num_experts * h  # router
+        replicated += m.num_experts * (h + (1 if m.moe_router_enable_expert_bias else 0))  # router (+ bias)
         expert = m.num_experts * 3 * h * m.moe_ffn_size  # SwiGLU experts, no biases
         if m.moe_shared_expert_intermediate_size:
             split, rep = _mlp_parameters(h, m.moe_shared_expert_intermediate_size, True, bias)
