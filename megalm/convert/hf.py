@@ -59,8 +59,8 @@ def architecture_for_megalm(config: ModelConfig, name: Optional[str] = None) -> 
         if arch.matches(config):
             return arch
     if config.num_experts:
-        from megalm.convert.moe_mappings import _MoEFamily
-        reasons = _MoEFamily.moe_mismatch(config)
+        from megalm.convert.moe_mappings import routing_without_family
+        reasons = routing_without_family(config)
         raise ConversionError(
             "no Hugging Face MoE family (Mixtral, Qwen2-MoE, DeepSeek-MoE) holds this megalm model"
             + (f": none routes with {', '.join(reasons)}" if reasons else

@@ -32,6 +32,22 @@ from megalm.convert.frame import Concat, ConversionError, Rule, Transform
 from megalm.convert.llama import Llama, Mistral, Qwen2
 
 
+def routing_without_family(config: ModelConfig) -> list:
+    """The routing features of `config` that none of these families has (named in the export error)."""
+    reasons = []
+    if config.moe_router_score_function != "softmax":
+        reasons.append(f"--moe-router-score-function {config.moe_router_score_function}")
+    if config.moe_router_topk_scaling_factor not in (None, 1.0):
+        reasons.append(f"--moe-router-topk-scaling-factor {config.moe_router_topk_scaling_factor}")
+    if config.moe_router_enable_expert_bias:
+        reasons.append("--moe-router-enable-expert-bias")
+    if config.moe_router_num_groups:
+        reasons.append("--moe-router-num-groups")
+    if config.moe_pad_expert_input_to_capacity:
+        reasons.append("--moe-pad-expert-input-to-capacity")
+    return reasons
+
+
 class StackedExperts(Transform):
     """megalm's [E, ...] expert weights <-> one Hugging Face tensor per expert (the on-disk layout).
 
@@ -96,24 +112,8 @@ class _MoEFamily:
         raise NotImplementedError
 
     def matches(self, config: ModelConfig) -> bool:
-        return (bool(config.num_experts) and not self.moe_mismatch(config)
+        return (bool(config.num_experts) and not routing_without_family(config)
                 and self.decoder_matches(config) and self._moe_matches(config))
-
-    @staticmethod
-    def moe_mismatch(config: ModelConfig) -> list:
-        """The routing features of `config` that none of these families has (for the export error)."""
-        reasons = []
-        if config.moe_router_score_function != "softmax":
-            reasons.append(f"--moe-router-score-function {config.moe_router_score_function}")
-        if config.moe_router_topk_scaling_factor not in (None, 1.0):
-            reasons.append(f"--moe-router-topk-scaling-factor {config.moe_router_topk_scaling_factor}")
-        if config.moe_router_enable_expert_bias:
-            reasons.append("--moe-router-enable-expert-bias")
-        if config.moe_router_num_groups:
-            reasons.append("--moe-router-num-groups")
-        if config.moe_pad_expert_input_to_capacity:
-            reasons.append("--moe-pad-expert-input-to-capacity")
-        return reasons
 
     def _expert_rules(self, i: int, layer: str, num_experts: int) -> list:
         gate, up, down = self.expert_names

@@ -95,8 +95,6 @@ class TopKRouter(nn.Module):
         weights, indices, scores = topk_router(logits, self.topk, self.score_function, self.normalize, self.scaling,
                                                bias=self.expert_bias, num_groups=self.num_groups,
                                                group_topk=self.group_topk)
-        if self.expert_bias is not None and self.training:
-            self.tokens_since_update += torch.bincount(indices.reshape(-1), minlength=self.num_experts)
         return logits, weights, indices, scores
 
 
@@ -209,6 +207,8 @@ class MoELayer(nn.Module):
         self.aux_loss = None
         if self.training:
             counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts)
+            if self.router.expert_bias is not None:  # the load behind the next bias update
+                self.router.tokens_since_update += counts
             aux = load_balancing_loss(scores, indices, self.num_experts, self.score_function)
             z = z_loss(logits)
             self._record(counts, aux, z, routing.dropped)
