@@ -52,6 +52,10 @@ TWO_RANKS = {
                                        "1"],
     "dp2_ep2_distributed_optimizer": MOE + ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"],
     "dp2_ep2_expert_bias": MOE_BIAS + ["--expert-model-parallel-size", "2"],
+    # the backward's recomputed forward exchanges tokens again, and counts them again for the bias
+    # (which scales each layer's counts and leaves the update's signs alone)
+    "dp2_ep2_expert_bias_recompute_full": MOE_BIAS + ["--expert-model-parallel-size", "2", "--recompute-granularity",
+                                                      "full", "--recompute-num-layers", "1"],
 }
 FOUR_RANKS = {
     # expert-data-parallel groups of 2: the experts' buckets are sharded too
