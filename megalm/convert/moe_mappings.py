@@ -179,9 +179,9 @@ class Qwen2Moe(_MoEFamily, Qwen2):
         step, dense = hf.get("decoder_sparse_step", 1) or 1, set(hf.get("mlp_only_layers") or [])
         layers = hf["num_hidden_layers"]
         pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
-        first = pattern.index(1) if 1 in pattern else layers
         if not any(pattern):
             raise ConversionError("this Qwen2-MoE config (decoder_sparse_step, mlp_only_layers) has no sparse layer")
+        first = pattern.index(1)
         layout = (dict(first_k_dense_replace=first) if all(pattern[first:])
                   else dict(moe_layer_freq=pattern))
         shared = hf.get("shared_expert_intermediate_size") or None

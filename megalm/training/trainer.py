@@ -109,8 +109,7 @@ def _checked_token_ids(batches: Iterator[dict], config: Config, consumed_samples
     a micro-batch is taken on the CPU, before the copy to the device: a few microseconds."""
     limit = config.model.padded_vocab_size
     for step, batch in enumerate(batches):
-        top = int(batch["tokens"].max()) if batch["tokens"].numel() else -1
-        low = int(batch["tokens"].min()) if batch["tokens"].numel() else 0
+        low, top = (int(v) for v in torch.aminmax(batch["tokens"])) if batch["tokens"].numel() else (0, -1)
         if top >= limit or low < 0:
             bad = top if top >= limit else low
             raise TrainingError(
@@ -351,8 +350,9 @@ class Trainer:
         self.scaler.update(found_inf)
         if not found_inf:
             self.optimizer.step()
-        # The expert biases follow the load of every step, skipped or not (Megatron-LM's order).
-        update_expert_bias(self.chunks, self.state.data_parallel_group if self.state.distributed else None)
+        if self.config.model.moe_router_enable_expert_bias:
+            # The expert biases follow the load of every step, skipped or not (Megatron-LM's order).
+            update_expert_bias(self.chunks, self.state.data_parallel_group if self.state.distributed else None)
         # Only the last pipeline stage computes the loss; the others report the MoE aux losses of
         # their layers (0 without), which `_dp_mean` adds.
         loss = torch.stack(losses).mean() if losses else torch.zeros((), device=self.state.device)
