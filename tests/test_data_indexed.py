@@ -90,7 +90,44 @@ def test_foreign_or_wrong_version_index(tmp_path):
 def test_truncated_bin(tmp_path):
     write(tmp_path / "ds", [[1] * 100], np.uint16)
     (tmp_path / "ds.bin").write_bytes(b"\x00" * 10)
-    with pytest.raises(DataError, match=r"ds\.bin is 10 bytes but .* needs 200"):
+    with pytest.raises(DataError, match=r"ds\.bin is 10 bytes but .*ds\.idx needs exactly 200 .*truncated"):
+        IndexedDataset(str(tmp_path / "ds"))
+
+
+def test_bin_longer_than_its_index_needs(tmp_path):
+    write(tmp_path / "ds", [[1, 2, 3], [4, 5]], np.uint16)
+    bin_file = tmp_path / "ds.bin"
+    bin_file.write_bytes(bin_file.read_bytes() + b"\x07\x00" * 3)
+    with pytest.raises(DataError) as error:
+        IndexedDataset(str(tmp_path / "ds"))
+    assert str(error.value) == (
+        f"{bin_file} is 16 bytes but {tmp_path / 'ds.idx'} needs exactly 10 (2 sequences, 5 uint16 tokens): the .bin "
+        f"has 6 bytes the .idx does not describe; re-run tools/preprocess_data.py to rebuild both files, or pair "
+        f"this .idx with the .bin it was written with")
+    assert bin_file.read_bytes()[:10] == np.array([1, 2, 3, 4, 5], np.uint16).tobytes()  # nothing rewritten
+
+
+@pytest.mark.parametrize("index_dtype, bin_dtype, fits", [(np.uint16, np.int32, "int32"),
+                                                           (np.int32, np.uint16, "int16 / uint16")])
+def test_index_dtype_that_does_not_match_the_bin(tmp_path, index_dtype, bin_dtype, fits):
+    """A .idx from a run with another vocabulary size next to this .bin: tokens would be garbage."""
+    documents = [[1, 2, 3], [4, 5, 6, 7]]
+    write(tmp_path / "idx_from", documents, index_dtype)
+    write(tmp_path / "bin_from", documents, bin_dtype)
+    (tmp_path / "idx_from.bin").write_bytes((tmp_path / "bin_from.bin").read_bytes())
+    with pytest.raises(DataError, match=rf"idx_from\.bin is \d+ bytes but .*idx_from\.idx needs exactly \d+ .*fits 7 "
+                                        rf"tokens of {fits}, so the \.idx's token dtype \({np.dtype(index_dtype).name}\)"
+                                        rf" does not match the \.bin"):
+        IndexedDataset(str(tmp_path / "idx_from"))
+
+
+def test_index_whose_pointers_do_not_start_at_zero(tmp_path):
+    write(tmp_path / "ds", [[1, 2], [3]], np.uint16)
+    idx = tmp_path / "ds.idx"
+    raw = bytearray(idx.read_bytes())
+    raw[34 + 8:34 + 16] = struct.pack("<q", 2)  # first pointer (after two int32 lengths)
+    idx.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"ds\.idx: its first sequence starts at byte 2 of .*ds\.bin, not 0"):
         IndexedDataset(str(tmp_path / "ds"))
 
 

@@ -20,7 +20,8 @@ several.
 
 `IndexedDatasetBuilder` writes under temporary names and renames both files into place in
 `finalize`, so an interrupted run never leaves a file under the final name. `IndexedDataset` checks
-the index before trusting it, so a truncated or foreign file fails with a message naming it.
+the index before trusting it, and that the `.bin` has exactly the size the index describes, so a
+truncated or foreign file, or a `.idx` paired with another `.bin`, fails with a message naming both.
 """
 
 from __future__ import annotations
@@ -192,11 +193,7 @@ class IndexedDataset:
         self.document_indices = np.frombuffer(self._index, np.int64, documents, offset)
 
         bin_size = os.path.getsize(bin_path(prefix))
-        needed = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize \
-            if sequences else 0
-        if bin_size < needed:
-            raise DataError(f"{bin_path(prefix)} is {bin_size} bytes but {path} needs {needed}: the .bin "
-                            f"is truncated or belongs to another index; rebuild with tools/preprocess_data.py")
+        _check_bin_size(prefix, self.dtype, self.sequence_lengths, self.sequence_pointers, bin_size)
         self._bin = np.memmap(bin_path(prefix), mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
 
     def __len__(self) -> int:
@@ -236,6 +233,38 @@ class IndexedDataset:
 
     def close(self) -> None:
         self._index = self._bin = None
+
+
+def _check_bin_size(prefix: str, dtype: np.dtype, lengths: np.ndarray, pointers: np.ndarray, found: int) -> None:
+    """The `.bin` holds exactly the bytes the `.idx` describes, or DataError naming both files.
+
+    Writers (ours and Megatron-LM's) lay the sequences end to end from byte 0: pointer i is the byte
+    count of sequences 0..i-1, so the last pointer plus the last length is the sum of all lengths
+    times the item size. Checking the two ends is therefore the same test as summing the lengths,
+    at O(1) cost instead of reading an index of billions of sequences at every start. A wrong size
+    catches a truncated `.bin`, one that belongs to another `.idx`, and a `.idx` whose token dtype
+    differs from the `.bin`'s (the size is then off by the ratio of item sizes)."""
+    idx, bin_ = idx_path(prefix), bin_path(prefix)
+    if len(lengths) and int(pointers[0]) != 0:
+        raise DataError(f"{idx}: its first sequence starts at byte {int(pointers[0])} of {bin_}, not 0: the index is "
+                        f"damaged or not written by a Megatron-style writer; rebuild both with "
+                        f"tools/preprocess_data.py")
+    expected = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize if len(lengths) else 0
+    if found == expected:
+        return
+    tokens = expected // dtype.itemsize
+    fits = sorted(np.dtype(t).name for t in DTYPES.values()
+                  if np.issubdtype(t, np.integer) and tokens and found == tokens * np.dtype(t).itemsize)
+    if fits:
+        cause = (f"its size fits {tokens:,} tokens of {' / '.join(fits)}, so the .idx's token dtype "
+                 f"({dtype.name}) does not match the .bin")
+    elif found > expected:
+        cause = f"the .bin has {found - expected:,} bytes the .idx does not describe"
+    else:
+        cause = "the .bin is truncated"
+    raise DataError(f"{bin_} is {found:,} bytes but {idx} needs exactly {expected:,} ({len(lengths):,} sequences, "
+                    f"{tokens:,} {dtype.name} tokens): {cause}; re-run tools/preprocess_data.py to rebuild both "
+                    f"files, or pair this .idx with the .bin it was written with")
 
 
 def dataset_exists(prefix: str) -> bool:
