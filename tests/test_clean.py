@@ -205,6 +205,32 @@ def test_tool_errors_are_one_line(tmp_path, mixed_corpus):
     assert not (tmp_path / "o.jsonl").exists() and not list(tmp_path.glob("o.jsonl.tmp*"))
 
 
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_truncated_gzip_input_is_one_error_and_keeps_the_old_output(tmp_path, workers):
+    """tests/data/truncated.jsonl.gz is a gzip stream cut at 60%: 85 whole records, then EOF."""
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"text": "the output of an earlier, complete run"}\n')
+    path = DATA / "truncated.jsonl.gz"
+    result = run_clean("--input", str(path), "--output", str(out), "--rejected", str(tmp_path / "rej.jsonl"),
+                       "--workers", workers)
+    assert result.returncode == 2 and result.stderr == (
+        f"error: {path} is truncated or corrupt (Compressed file ended before the end-of-stream marker was "
+        f"reached; after 85 records): re-create or re-download it (gzip -t tests a .gz file)\n")
+    assert out.read_text() == '{"text": "the output of an earlier, complete run"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_corrupt_gzip_input_is_one_error(tmp_path):
+    raw = gzip.compress(b"".join(b'{"text": "line %d of a document"}\n' % i for i in range(100)), mtime=0)
+    path = tmp_path / "crc.jsonl.gz"
+    path.write_bytes(raw[:-8] + bytes(8))  # the CRC and length trailer zeroed
+    result = run_clean("--input", str(path), "--output", str(tmp_path / "o.jsonl"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.fullmatch(rf"error: {re.escape(str(path))} is truncated or corrupt \(CRC check failed .*; after 100 "
+                        rf"records\): .*\n", result.stderr)
+    assert not list(tmp_path.glob("o.jsonl*"))
+
 MANPAGES = Path("/usr/share/man/zh_CN/man1")
 
 

@@ -98,6 +98,21 @@ def test_user_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "--tokenizer-model" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_truncated_gzip_input_is_one_error(corpus, tmp_path, workers):
+    """tests/data/truncated.jsonl.gz is a gzip stream cut at 60%: 85 whole records, then EOF. The
+    outputs of an earlier run under the same prefix survive."""
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"out_text_document{suffix}").write_bytes(b"earlier run")
+    path = DATA / "truncated.jsonl.gz"
+    result = preprocess(path, tmp_path / "out", "--workers", workers, tokenizer_dir=corpus[0].parent)
+    assert result.returncode == 2 and result.stderr == (
+        f"error: {path} is truncated or corrupt (Compressed file ended before the end-of-stream marker was "
+        f"reached; after 85 records): re-create or re-download it (gzip -t tests a .gz file)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out_text_document.bin", "out_text_document.idx"]
+    assert (tmp_path / "out_text_document.bin").read_bytes() == b"earlier run"
+
 def load_tool(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

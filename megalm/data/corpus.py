@@ -8,7 +8,8 @@ a missing key, with the file and line number.
 File kinds go by extension: ``.jsonl`` / ``.json`` / ``.ndjson`` (one JSON object per line),
 ``.parquet``, anything else is plain text; a trailing ``.gz`` is decompressed on the fly. Plain
 text is cut into documents per `text_sample_by`: ``line``, ``paragraph`` (blocks separated by
-blank lines; the default) or ``document`` (the whole file).
+blank lines; the default) or ``document`` (the whole file). A truncated or corrupt compressed file
+raises `DataError` when reading reaches the damage.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -71,11 +73,31 @@ def iter_raw(paths: Sequence[str], text_sample_by: str = "paragraph") -> Iterato
     for path in paths:
         kind = file_kind(path)
         if kind == "json":
-            yield from _iter_jsonl(path)
+            records = _iter_jsonl(path)
         elif kind == "parquet":
-            yield from _iter_parquet(path)
+            records = _iter_parquet(path)
         else:
-            yield from _iter_text(path, text_sample_by)
+            records = _iter_text(path, text_sample_by)
+        yield from _checked_stream(path, records)
+
+
+# What gzip / zlib raise for a cut or damaged stream: EOFError when the file ends before the
+# end-of-stream marker, zlib.error for bad deflate data, BadGzipFile for a bad header or CRC.
+_STREAM_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _checked_stream(path: str, records: Iterator[RawRecord]) -> Iterator[RawRecord]:
+    """`records`, with a damaged compressed stream turned into one DataError naming the file. The
+    error surfaces in the middle of the file, so every consumer must drop what it wrote (the
+    tools write under temporary names)."""
+    n = 0
+    try:
+        for record in records:
+            yield record
+            n += 1
+    except _STREAM_ERRORS as e:
+        raise DataError(f"{path} is truncated or corrupt ({e}; after {n:,} records): re-create or re-download "
+                        f"it (gzip -t tests a .gz file)") from None
 
 
 def _iter_jsonl(path: str) -> Iterator[RawRecord]:
