@@ -1,5 +1,6 @@
 """GPT datasets: Megatron sample semantics, caching, splits, blending and resumption."""
 
+import json
 import os
 import time
 from types import SimpleNamespace
@@ -116,6 +117,66 @@ def test_index_cache_is_reused_and_rebuilt_when_stale(tmp_path):
     assert not isinstance(third.shuffle_index, np.memmap)
     assert sorted(os.listdir(cache)) == files
 
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def _garbage(path):
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
+
+
+def _wrong_length(path):
+    np.save(path, np.load(path)[:-1])
+
+
+def _wrong_dtype(path):
+    np.save(path, np.load(path).astype(np.int16))
+
+
+def _out_of_range(path):
+    array = np.load(path)
+    array[-1] = -5 if array.ndim == 1 else (0, 10_000)
+    np.save(path, array)
+
+
+@pytest.mark.parametrize("part", ["document", "sample", "shuffle"])
+@pytest.mark.parametrize("damage, problem", [(_truncate, "unreadable"), (_garbage, "unreadable"),
+                                             (_wrong_length, "shape"), (_wrong_dtype, "dtype int16"),
+                                             (_out_of_range, "values"), (lambda p: p.write_bytes(b""), "unreadable")])
+def test_damaged_cached_index_is_rebuilt_with_a_warning(tmp_path, caplog, part, damage, problem):
+    prefix = make_dataset(tmp_path / "ds")
+    cache = tmp_path / "cache"
+    first = GPTDataset(IndexedDataset(prefix), np.arange(100), 16, 100, 0, cache_path=str(cache))
+    (damaged,) = cache.glob(f"*-{part}_index.npy")
+    damage(damaged)
+    with caplog.at_level("WARNING", logger="megalm.data.gpt_dataset"):
+        second = GPTDataset(IndexedDataset(prefix), np.arange(100), 16, 100, 0, cache_path=str(cache))
+    (record,) = caplog.records
+    assert record.getMessage().startswith(f"cached dataset index {damaged} is invalid ({problem}")
+    assert record.getMessage().endswith("): rebuilding the indices") and "\n" not in record.getMessage()
+    for name in ("document_index", "sample_index", "shuffle_index"):
+        np.testing.assert_array_equal(getattr(second, name), getattr(first, name))
+    assert len(list(cache.iterdir())) == 4 and not list(cache.glob("*.tmp*"))
+    caplog.clear()
+    third = GPTDataset(IndexedDataset(prefix), np.arange(100), 16, 100, 0, cache_path=str(cache))
+    assert isinstance(third.shuffle_index, np.memmap) and not caplog.records  # the rebuilt cache is used
+    np.testing.assert_array_equal(third[5]["tokens"], first[5]["tokens"])
+
+
+def test_damaged_cache_description_is_rebuilt_with_a_warning(tmp_path, caplog):
+    prefix = make_dataset(tmp_path / "ds")
+    cache = tmp_path / "cache"
+    first = GPTDataset(IndexedDataset(prefix), np.arange(100), 16, 100, 0, cache_path=str(cache))
+    (description,) = cache.glob("*-description.json")
+    description.write_text('{"class": "GPTDat')
+    with caplog.at_level("WARNING", logger="megalm.data.gpt_dataset"):
+        second = GPTDataset(IndexedDataset(prefix), np.arange(100), 16, 100, 0, cache_path=str(cache))
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"cached dataset description {description} "
+                                                                       f"is unreadable"]
+    np.testing.assert_array_equal(second.shuffle_index, first.shuffle_index)
+    assert json.loads(description.read_text())["class"] == "GPTDataset"
 
 def test_default_cache_lives_next_to_the_data(tmp_path):
     prefix = make_dataset(tmp_path / "ds")

@@ -10,7 +10,8 @@ built as the requested number of samples needs.
 Sample i depends only on the data, the split, seq_length, num_samples and the seed, so training
 can resume at any sample. The three indices are cached as `.npy` files next to the data (or under
 `--data-cache-path`); a description file records the `.idx` it was built from, and a cache whose
-data file changed is rebuilt.
+data file changed is rebuilt. A cached index that does not load or does not fit (dtype, shape,
+value range) is rebuilt with a warning; every file is written under a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -82,10 +83,41 @@ class GPTDataset(torch.utils.data.Dataset):
     def _build(self, document_ids: np.ndarray, tokens_per_epoch: int, seed: int):
         rng = np.random.RandomState(seed)
         document_index = np.concatenate([rng.permutation(document_ids) for _ in range(self.num_epochs)])
-        total = (self.num_epochs * tokens_per_epoch - 1) // self.seq_length
+        total = self._samples_built(tokens_per_epoch)
         sample_index = build_sample_index(self.indexed.sequence_lengths, document_index, self.seq_length, total)
         shuffle_index = rng.permutation(total).astype(np.int64)
         return document_index.astype(np.int32), sample_index, shuffle_index
+
+    def _samples_built(self, tokens_per_epoch: int) -> int:
+        """Samples in `num_epochs` epochs: every one needs seq_length + 1 tokens of the stream."""
+        return (self.num_epochs * tokens_per_epoch - 1) // self.seq_length
+
+    def _index_layouts(self, document_ids: np.ndarray, tokens_per_epoch: int) -> list:
+        """(dtype, shape, [low, high) per column) of the document, sample and shuffle indices."""
+        documents = self.num_epochs * len(document_ids)
+        samples = self._samples_built(tokens_per_epoch)
+        longest = int(self.indexed.sequence_lengths[document_ids].max())
+        return [(np.int32, (documents,), [(int(document_ids.min()), int(document_ids.max()) + 1)]),
+                (np.int64, (samples, 2), [(0, documents), (0, longest)]),
+                (np.int64, (samples,), [(0, samples)])]
+
+    def _load_cached(self, names: list, layouts: list) -> Optional[tuple]:
+        """The cached indices, or None (with a one-line warning) when one is unreadable or does not
+        fit this dataset: a truncated or overwritten file, another run's file, a foreign dtype.
+        Checking the value ranges reads each file once, sequentially."""
+        arrays = []
+        for name, (dtype, shape, bounds) in zip(names, layouts):
+            try:
+                array = np.load(name, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                problem = f"unreadable: {e}"
+            else:
+                problem = _index_problem(array, dtype, shape, bounds)
+            if problem is not None:
+                logger.warning("cached dataset index %s is invalid (%s): rebuilding the indices", name, problem)
+                return None
+            arrays.append(array)
+        return tuple(arrays)
 
     def _fingerprint(self) -> dict:
         stat = os.stat(idx_path(self.indexed.prefix))
@@ -101,13 +133,16 @@ class GPTDataset(torch.utils.data.Dataset):
         try:
             with open(description_file) as f:
                 cached = json.load(f) == expected
-        except (OSError, ValueError):
+        except FileNotFoundError:
+            cached = False
+        except (OSError, ValueError) as e:
+            logger.warning("cached dataset description %s is unreadable (%s): rebuilding the indices",
+                           description_file, e)
             cached = False
         if cached:
-            try:
-                return tuple(np.load(name, mmap_mode="r", allow_pickle=False) for name in names)
-            except (OSError, ValueError):
-                logger.warning("cached indices %s* are unreadable: rebuilding", stem)
+            arrays = self._load_cached(names, self._index_layouts(document_ids, tokens_per_epoch))
+            if arrays is not None:
+                return arrays
         arrays = self._build(document_ids, tokens_per_epoch, seed)
         try:
             os.makedirs(directory, exist_ok=True)
@@ -121,6 +156,21 @@ class GPTDataset(torch.utils.data.Dataset):
             logger.warning("cannot cache dataset indices in %s (%s); set --data-cache-path to a writable "
                            "directory to avoid rebuilding them every run", directory, e)
         return arrays
+
+
+def _index_problem(array: np.ndarray, dtype, shape: tuple, bounds: list) -> Optional[str]:
+    """Why a loaded index cannot be used, or None when its dtype, shape and values fit."""
+    if array.dtype != np.dtype(dtype):
+        return f"dtype {array.dtype}, expected {np.dtype(dtype)}"
+    if array.shape != shape:
+        return f"shape {array.shape}, expected {shape}"
+    if array.size == 0:
+        return None
+    for column, (low, high) in zip(array.reshape(shape[0], -1).T, bounds):
+        found_low, found_high = int(column.min()), int(column.max())
+        if found_low < low or found_high >= high:
+            return f"values {found_low}..{found_high} outside [{low}, {high})"
+    return None
 
 
 def _save_atomic(path: str, array: np.ndarray) -> None:
