@@ -77,6 +77,38 @@ def test_forced_triton_without_interpreter_on_cpu_raises(monkeypatch):
         K.rms_norm(torch.randn(2, 8), torch.ones(8), backend="triton")
 
 
+def _bf16_calls():
+    """One call per op's Triton path, all in bfloat16 on CPU."""
+    bf16 = dict(dtype=torch.bfloat16)
+    x, w = torch.randn(4, 8, **bf16), torch.ones(8, **bf16)
+    q, cos = torch.randn(1, 4, 2, 8, **bf16), torch.ones(4, 4)
+    labels = torch.zeros(4, dtype=torch.int64)
+    routing = K.expert_rows(torch.tensor([[0], [1], [0], [1]]), 2)
+    return {
+        "attention": lambda: K.attention(q, q, q, backend="triton"),
+        "rms_norm": lambda: K.rms_norm(x, w, backend="triton"),
+        "layer_norm": lambda: K.layer_norm(x, w, w, backend="triton"),
+        "cross_entropy": lambda: K.cross_entropy(x, labels, backend="triton"),
+        "linear_cross_entropy": lambda: K.linear_cross_entropy(x, torch.ones(16, 8, **bf16), labels,
+                                                               backend="triton"),
+        "apply_rotary": lambda: K.apply_rotary(q, q, cos, cos, backend="triton"),
+        "swiglu": lambda: K.swiglu(x, backend="triton"),
+        "grouped_gemm": lambda: K.grouped_gemm(x, torch.ones(2, 8, 8, **bf16), torch.tensor([2, 2]),
+                                               backend="triton"),
+        "permute": lambda: K.permute(x, routing, backend="triton"),
+        "topk_router": lambda: K.topk_router(x, 2, backend="triton"),
+    }
+
+
+@pytest.mark.parametrize("op", sorted(_bf16_calls()))
+def test_every_triton_path_refuses_bfloat16_on_the_interpreter(monkeypatch, op):
+    if not dispatch.triton_importable():
+        pytest.skip("the rule is checked after 'triton is not installed'")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(K.KernelUnsupportedError, match="the Triton interpreter has no bfloat16"):
+        _bf16_calls()[op]()
+
+
 def test_forced_cuda_without_extension_raises():
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine may have the extension")

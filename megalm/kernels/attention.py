@@ -41,7 +41,6 @@ from megalm.kernels import dispatch
 logger = logging.getLogger("megalm.kernels")
 
 BACKENDS = ("auto", "reference", "sdpa", "triton")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_TRITON_HEAD_DIM = 256
 
 
@@ -148,10 +147,8 @@ def triton_unsupported(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
     reason = dispatch.triton_unsupported_device(q, k, v)
     if reason is not None:
         return reason
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _FLOAT_DTYPES:
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in dispatch.FLOAT_DTYPES:
         return f"unsupported dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}"
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        return "the Triton interpreter has no bfloat16"
     if q.shape[-1] > _MAX_TRITON_HEAD_DIM or q.shape[-1] < 1:
         return f"head dim {q.shape[-1]} > {_MAX_TRITON_HEAD_DIM}"
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:

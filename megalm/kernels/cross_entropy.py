@@ -25,7 +25,6 @@ from torch import Tensor
 from megalm.kernels import dispatch
 
 REDUCTIONS = ("mean", "sum")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_reduction(reduction: str) -> None:
@@ -124,10 +123,8 @@ def _unsupported(tensors: tuple[Tensor, ...], labels: Tensor, rows: int):
         reason = dispatch.triton_unsupported_device(*tensors, labels)
         if reason is not None:
             return reason
-        if any(t.dtype not in _FLOAT_DTYPES for t in tensors):
+        if any(t.dtype not in dispatch.FLOAT_DTYPES for t in tensors):
             return f"unsupported dtypes {[t.dtype for t in tensors]}"
-        if any(t.dtype == torch.bfloat16 for t in tensors) and labels.device.type == "cpu":
-            return "the Triton interpreter has no bfloat16"
         if labels.dtype not in (torch.int64, torch.int32) or labels.shape != (rows,):
             return f"labels must be int64 [{rows}], got {labels.dtype} {tuple(labels.shape)}"
         return None

@@ -60,8 +60,16 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# The floating-point dtypes the fast paths take (an op may narrow this further).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def triton_unsupported_device(*tensors: torch.Tensor) -> Optional[str]:
-    """Why Triton cannot run on these tensors' device, or None if it can."""
+    """Why Triton cannot run on these tensors' device, or None if it can.
+
+    Every op's Triton path asks this first, so the rules of the device (CUDA, or the CPU
+    interpreter and what it cannot do) are written once here.
+    """
     if not triton_importable():
         return "triton is not installed"
     device = tensors[0].device
@@ -69,10 +77,12 @@ def triton_unsupported_device(*tensors: torch.Tensor) -> Optional[str]:
         return "inputs are on different devices"
     if device.type == "cuda":
         return None
-    if device.type == "cpu" and triton_interpreting():
-        return None
-    return (f"Triton needs CUDA tensors, got {device.type} tensors "
-            f"(TRITON_INTERPRET=1 runs the kernels on CPU, slowly, for testing)")
+    if device.type != "cpu" or not triton_interpreting():
+        return (f"Triton needs CUDA tensors, got {device.type} tensors "
+                f"(TRITON_INTERPRET=1 runs the kernels on CPU, slowly, for testing)")
+    if any(t.dtype == torch.bfloat16 for t in tensors):
+        return "the Triton interpreter has no bfloat16"
+    return None
 
 
 _warned: set[tuple[str, str]] = set()

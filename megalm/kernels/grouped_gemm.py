@@ -27,8 +27,6 @@ from torch import Tensor
 
 from megalm.kernels import dispatch
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def grouped_gemm_reference(x: Tensor, w: Tensor, tokens_per_expert: Tensor) -> Tensor:
     """x [m, K], w [E, N, K], tokens_per_expert [E] -> [m, N]."""
@@ -85,10 +83,8 @@ def _unsupported(x: Tensor, w: Tensor):
             return reason
         if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
             return f"expected x [m, K] and w [E, N, K], got {tuple(x.shape)} and {tuple(w.shape)}"
-        if x.dtype not in _FLOAT_DTYPES or w.dtype != x.dtype:
+        if x.dtype not in dispatch.FLOAT_DTYPES or w.dtype != x.dtype:
             return f"x and w must share a float dtype, got {x.dtype} and {w.dtype}"
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            return "the Triton interpreter has no bfloat16"
         if x.shape[0] == 0:
             return "no rows"
         return None

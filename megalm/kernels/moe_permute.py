@@ -32,8 +32,6 @@ from torch import Tensor
 
 from megalm.kernels import _cuda, dispatch
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 @dataclass
 class ExpertRows:
@@ -185,11 +183,9 @@ def _unsupported(x: Tensor, rows: Tensor):
             reason = dispatch.triton_unsupported_device(x, rows)
             if reason is not None:
                 return reason
-            if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-                return "the Triton interpreter has no bfloat16"
         if x.dim() != 2 or rows.dim() != 2:
             return f"expected 2-D x and rows, got {tuple(x.shape)} and {tuple(rows.shape)}"
-        if x.dtype not in _FLOAT_DTYPES:
+        if x.dtype not in dispatch.FLOAT_DTYPES:
             return f"unsupported dtype {x.dtype}"
         if x.numel() == 0:
             return "empty input"

@@ -23,7 +23,6 @@ from torch import Tensor
 
 from megalm.kernels import dispatch
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_TRITON_WIDTH = 65536
 
 
@@ -124,9 +123,7 @@ def _unsupported(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
                 return reason
             if x.shape[-1] > _MAX_TRITON_WIDTH:
                 return f"hidden size {x.shape[-1]} > {_MAX_TRITON_WIDTH} (one row per program)"
-            if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-                return "the Triton interpreter has no bfloat16"
-        if x.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES:
+        if x.dtype not in dispatch.FLOAT_DTYPES or weight.dtype not in dispatch.FLOAT_DTYPES:
             return f"unsupported dtype {x.dtype} / weight {weight.dtype}"
         if weight.shape != (x.shape[-1],) or (bias is not None and bias.shape != weight.shape):
             return f"weight / bias shape {tuple(weight.shape)} does not match hidden size {x.shape[-1]}"

@@ -18,8 +18,6 @@ from torch import Tensor
 
 from megalm.kernels import dispatch
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _rotate_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
@@ -78,10 +76,8 @@ def _unsupported(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):
             return f"cos / sin must be [s, d/2] = [{s}, {d // 2}], got {tuple(cos.shape)}"
         if q.stride(-1) != 1 or k.stride(-1) != 1:
             return "the last dim of q and k must be contiguous"
-        if q.dtype != k.dtype or q.dtype not in _FLOAT_DTYPES:
+        if q.dtype != k.dtype or q.dtype not in dispatch.FLOAT_DTYPES:
             return f"unsupported dtypes q {q.dtype} / k {k.dtype}"
-        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-            return "the Triton interpreter has no bfloat16"
         if q.numel() == 0 or k.numel() == 0:
             return "empty input"
         return None

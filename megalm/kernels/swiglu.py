@@ -14,8 +14,6 @@ from torch import Tensor
 
 from megalm.kernels import dispatch
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def swiglu_reference(x: Tensor) -> Tensor:
     gate, up = x.float().chunk(2, dim=-1)
@@ -68,10 +66,8 @@ def _unsupported(x: Tensor):
             return reason
         if x.dim() == 0 or x.shape[-1] % 2:
             return f"last dim must be even (gate and up halves), got shape {tuple(x.shape)}"
-        if x.dtype not in _FLOAT_DTYPES:
+        if x.dtype not in dispatch.FLOAT_DTYPES:
             return f"unsupported dtype {x.dtype}"
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            return "the Triton interpreter has no bfloat16"
         if x.numel() == 0:
             return "empty input"
         return None
