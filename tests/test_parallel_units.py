@@ -160,3 +160,92 @@ def test_planner_counts_the_parameters_of_an_moe_model(layout):
     worst = stage_parameter_split(config, 1024, plan["stage"] == "first", plan["stage"] == "last" or pp == 1)
     assert plan["optimizer"] == pytest.approx(8 * (worst["dense"] / 4 + worst["expert"] / (4 // ep)))
     assert (plan["ep_bytes"] > 0) == (ep > 1)
+
+
+PLANNER_MODEL = ["--num-layers", "16", "--hidden-size", "2048", "--num-attention-heads", "32", "--num-query-groups", "8",
+                 "--swiglu", "--seq-length", "4096", "--bf16", "--micro-batch-size", "1", "--global-batch-size", "256",
+                 "--use-distributed-optimizer"]
+
+
+def test_planner_help_lists_its_own_flags_before_the_model_flags(capsys):
+    from parallel_plan import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    planner = [text.index(flag) for flag in ("--world-size", "--gpus-per-node", "--gpu-memory-gb",
+                                              "--intra-node-gb-per-s", "--inter-node-gb-per-s", "--gpu-tflops", "--search")]
+    assert max(planner) < text.index("\n  --num-layers")  # the option lists, after the description
+    assert "Every pretrain_gpt.py flag is accepted" in text
+    assert "--vocab-size (the tokenizer's vocabulary size)" in text
+
+
+def test_planner_ranks_exposed_communication_and_bubble_lower():
+    from parallel_plan import Cluster, estimate, ranked, step_time
+    config, _ = parse_args(PLANNER_MODEL + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"])
+    cluster = Cluster(world_size=16)
+    plan = estimate(config, cluster, 128256)
+
+    def variant(**changes):
+        changed = dict(plan, **changes)
+        return dict(changed, **step_time(changed))
+
+    slower = [variant(tp_seconds=plan["tp_seconds"] + 0.05), variant(ep_seconds=plan["ep_seconds"] + 0.05),
+              variant(bubble=plan["bubble"] + 0.1), variant(dp_gather_seconds=plan["dp_gather_seconds"] + 0.05)]
+    for other in slower:
+        assert other["step_seconds"] > plan["step_seconds"]
+        assert ranked([other, plan], cluster)[0] is plan
+    # The gradient reduction hides behind the last backward pass except for its last bucket:
+    # the same seconds cost less there than in a tensor-parallel all-reduce.
+    window = 2 / 3 * plan["compute_seconds"] / plan["num_microbatches"]
+    extra = (window - plan["dp_reduce_seconds"]) / 2  # still within the window
+    assert extra > 0
+    more_reduce = variant(dp_reduce_seconds=plan["dp_reduce_seconds"] + extra)
+    assert plan["step_seconds"] < more_reduce["step_seconds"] < variant(tp_seconds=plan["tp_seconds"] + extra)["step_seconds"]
+    assert plan["tokens_per_second"] == pytest.approx(256 * 4096 / plan["step_seconds"])
+
+
+def _planner_rows(out: str) -> list:
+    """(tp, pp, fits, tokens per second) of each table row."""
+    rows = []
+    for line in out.splitlines():
+        cells = line.split("|")
+        if len(cells) == 5 and cells[0].split()[0].isdigit():
+            tp, pp = (int(v) for v in cells[0].split()[:2])
+            rows.append((tp, pp, cells[1].split()[-1] == "yes", float(cells[4].split()[-1].replace(",", ""))))
+    return rows
+
+
+def test_planner_search_recommends_the_fastest_layout_that_fits(capsys):
+    from parallel_plan import main
+    # 8.5 GiB rules out the fastest layout (TP 1 x PP 8, 8.8 GiB)
+    assert main(PLANNER_MODEL + ["--vocab-size", "128256", "--world-size", "64", "--search",
+                                 "--gpu-memory-gb", "8.5"]) == 0
+    out = capsys.readouterr().out
+    assert "estimates, not measurements" in out
+    rows = _planner_rows(out)
+    fitting = [r for r in rows if r[2]]
+    assert rows[:len(fitting)] == fitting and len(fitting) < len(rows)
+    assert [r[3] for r in fitting] == sorted((r[3] for r in fitting), reverse=True)
+    assert max(r[3] for r in rows) > fitting[0][3]
+    tp, pp = fitting[0][:2]
+    assert out.splitlines()[-1] == f"recommended: --tensor-model-parallel-size {tp} --pipeline-model-parallel-size {pp}"
+
+
+def test_planner_needs_the_vocabulary(capsys, tmp_path):
+    from parallel_plan import main
+
+    from megalm.data.tokenizer.bpe import GPT2_PATTERN, ByteLevelBPETokenizer
+    assert main(PLANNER_MODEL) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--vocab-size N (the tokenizer's vocabulary size" in err
+    assert "--tokenizer-type" in err
+    assert main(PLANNER_MODEL + ["--tokenizer-type", "MegaBPE", "--tokenizer-model", str(tmp_path)]) == 2
+    assert "error: --tokenizer-model" in capsys.readouterr().err
+    # the vocabulary read from the tokenizer (256 bytes + one special token) gives the same plan
+    ByteLevelBPETokenizer({i: bytes([i]) for i in range(256)}, [], GPT2_PATTERN,
+                          {"<|endoftext|>": 256}).save(str(tmp_path / "tokenizer.json"))
+    assert main(PLANNER_MODEL + ["--tokenizer-type", "MegaBPE", "--tokenizer-model", str(tmp_path)]) == 0
+    from_tokenizer = capsys.readouterr().out
+    assert main(PLANNER_MODEL + ["--vocab-size", "257"]) == 0
+    assert capsys.readouterr().out == from_tokenizer

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Plan a parallel layout before booking a cluster: memory per GPU, pipeline bubble, communication.
+"""Plan a parallel layout before booking a cluster: memory per GPU, pipeline bubble, communication
+and an estimated step time.
 
     python tools/parallel_plan.py --num-layers 16 --hidden-size 2048 --num-attention-heads 32 \\
         --num-query-groups 8 --swiglu --seq-length 4096 --vocab-size 128256 --bf16 \\
         --micro-batch-size 1 --global-batch-size 256 --world-size 8 \\
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --use-distributed-optimizer
 
-    python tools/parallel_plan.py ... --world-size 64 --search     # every layout that fits, ranked
+    python tools/parallel_plan.py ... --world-size 64 --search     # every layout, fastest first
 
 Takes the training flags of pretrain_gpt.py (the same parser) plus the cluster's shape. The
 formulas, documented in docs/PARALLELISM.md, follow megalm's own memory layout:
@@ -24,19 +25,25 @@ formulas, documented in docs/PARALLELISM.md, follow megalm's own memory layout:
   buffer per rank, an all-gather or reduce-scatter (n - 1) / n;
 - a mixture-of-experts model counts each layer as what it is: the routed experts split by TP and
   EP (their optimizer moments by DP / EP with the distributed optimizer), the k routed rows of every
-  token in the activations, four all-to-alls per MoE layer and micro-batch for expert parallelism.
+  token in the activations, four all-to-alls per MoE layer and micro-batch for expert parallelism;
+- step time: the model's FLOPs at --gpu-tflops per GPU, stretched by the bubble, plus the
+  communication that compute does not hide (`step_time`).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megalm.arguments import parse_args  # noqa: E402
 from megalm.config import Config, ConfigError, pad_vocab_size  # noqa: E402
+from megalm.data.errors import DataError  # noqa: E402
+from megalm.data.tokenizer import build_tokenizer  # noqa: E402
 
 GB = 2 ** 30
 
@@ -48,6 +55,7 @@ class Cluster:
     gpu_memory_gb: float = 80.0
     intra_node_gb_per_s: float = 300.0  # per GPU, one direction (NVLink 4 on H100: ~450)
     inter_node_gb_per_s: float = 25.0  # per GPU (a 200 Gb/s NIC per GPU)
+    gpu_tflops: float = 400.0  # dense FLOP/s one GPU achieves in training (H100 bf16: ~40% of 989 peak)
 
 
 def _mlp_parameters(h: int, f: int, swiglu: bool, bias: bool) -> tuple:
@@ -192,8 +200,57 @@ def estimate(c: Config, cluster: Cluster, vocab: int) -> dict:
             worst = dict(params=params, weights=weights, gradients=grads, optimizer=optimizer,
                          activations=activations, recompute_working=working, total=total,
                          stage="first" if first else "last")
-    return dict(worst, tp=tp, pp=pp, dp=dp, vp=vp, ep=ep, num_microbatches=num_micro,
-                bubble=(pp - 1) / (vp * num_micro), **communication(c, cluster, dp, num_micro, padded, act_bytes))
+    compute = model_flops_per_token(c, padded) * gbs * m.seq_length / (cluster.world_size * cluster.gpu_tflops * 1e12)
+    if p.recompute_granularity == "full":
+        compute *= 4 / 3  # the forward runs twice: 4 matmul passes instead of 3
+    plan = dict(worst, tp=tp, pp=pp, dp=dp, vp=vp, ep=ep, num_microbatches=num_micro,
+                bubble=(pp - 1) / (vp * num_micro), compute_seconds=compute, tokens_per_step=gbs * m.seq_length,
+                **communication(c, cluster, dp, num_micro, padded, act_bytes))
+    return dict(plan, **step_time(plan))
+
+
+def model_flops_per_token(c: Config, padded_vocab: int) -> float:
+    """Training FLOPs per token, counted by the model's own formula (`GPTModel.flops_per_token`,
+    which reads only its config, so no model is built)."""
+    from megalm.model.gpt import GPTModel  # loads torch: only once a plan is computed, not for --help
+    return GPTModel.flops_per_token(SimpleNamespace(config=replace(c.model, padded_vocab_size=padded_vocab)))
+
+
+def step_time(plan: dict) -> dict:
+    """Estimated seconds per step and tokens per second, from a plan's compute and communication.
+
+    Which communication waits ("exposed") and which hides behind compute:
+    - tensor parallelism's all-reduces (all-gathers / reduce-scatters with SP) sit between a layer's
+      matmuls, and expert parallelism's all-to-alls between the router and the experts: every byte
+      is on the critical path;
+    - pipeline parallelism's point-to-point sends are waited for before the next micro-batch; they
+      are small, and counted whole;
+    - data parallelism reduces the gradient buckets while the last micro-batch's backward runs (2/3
+      of its compute); the last bucket (the first layers' gradients) starts only when the backward
+      ends, and what does not fit in that window waits too. With the distributed optimizer the
+      all-gather of the updated parameters follows the optimizer step and is waited for at once.
+    The bubble idles a stage for `bubble` times its busy time (compute plus the TP, EP and PP
+    communication of its micro-batches). Not counted: kernel efficiency that changes with the
+    layout (smaller matmuls at larger TP) and the output layer's extra work on the last stage.
+    """
+    busy = plan["compute_seconds"] + plan["tp_seconds"] + plan["ep_seconds"] + plan["pp_seconds"]
+    reduce = plan["dp_reduce_seconds"]
+    window = 2 / 3 * plan["compute_seconds"] / plan["num_microbatches"]
+    dp_exposed = max(reduce * plan["last_bucket_fraction"], reduce - window) + plan["dp_gather_seconds"]
+    step = busy * (1 + plan["bubble"]) + dp_exposed
+    return {"exposed_seconds": busy - plan["compute_seconds"] + dp_exposed, "step_seconds": step,
+            "tokens_per_second": plan["tokens_per_step"] / step}
+
+
+def ranked(plans: list, cluster: Cluster) -> list:
+    """The plans that fit in memory, fastest first, then those that do not. Fastest = most tokens
+    per second: the shortest step for a fixed --global-batch-size, and still fair without one
+    (then a step holds micro-batch x DP sequences, which differs between layouts)."""
+    return sorted(plans, key=lambda e: (not fits(e, cluster), -e["tokens_per_second"]))
+
+
+def fits(plan: dict, cluster: Cluster) -> bool:
+    return plan["total"] <= cluster.gpu_memory_gb * GB
 
 
 def _without_recompute(c: Config, micro_batch_size: int, act_bytes: int) -> float:
@@ -230,6 +287,9 @@ def communication(c: Config, cluster: Cluster, dp: int, num_micro: int, padded_v
     edp = dp // ep
     # all-reduce, or reduce-scatter + all-gather (ZeRO-1); the experts over DP / EP ranks
     dp_bytes = 2 * 4 * (split["dense"] * (dp - 1) / dp + (split["expert"] * (edp - 1) / edp))
+    dp_gather = dp_bytes / 2 if p.use_distributed_optimizer else 0.0
+    # the share of the gradients in the bucket reduced after the backward pass (all without overlap)
+    last_bucket = min(1.0, p.ddp_bucket_size / (split["dense"] + split["expert"])) if p.overlap_grad_reduce else 1.0
     crosses_nodes = lambda span: span > cluster.gpus_per_node  # noqa: E731
     bandwidth = {"tp": cluster.intra_node_gb_per_s if not crosses_nodes(tp) else cluster.inter_node_gb_per_s,
                  "pp": cluster.inter_node_gb_per_s if crosses_nodes(tp * dp * pp) else cluster.intra_node_gb_per_s,
@@ -237,7 +297,9 @@ def communication(c: Config, cluster: Cluster, dp: int, num_micro: int, padded_v
                  "ep": cluster.inter_node_gb_per_s if crosses_nodes(tp * ep) else cluster.intra_node_gb_per_s}
     return {"tp_bytes": tp_bytes, "pp_bytes": pp_bytes, "dp_bytes": dp_bytes, "ep_bytes": ep_bytes,
             "tp_seconds": tp_bytes / (bandwidth["tp"] * 1e9), "pp_seconds": pp_bytes / (bandwidth["pp"] * 1e9),
-            "dp_seconds": dp_bytes / (bandwidth["dp"] * 1e9), "ep_seconds": ep_bytes / (bandwidth["ep"] * 1e9)}
+            "dp_seconds": dp_bytes / (bandwidth["dp"] * 1e9), "ep_seconds": ep_bytes / (bandwidth["ep"] * 1e9),
+            "dp_reduce_seconds": (dp_bytes - dp_gather) / (bandwidth["dp"] * 1e9),
+            "dp_gather_seconds": dp_gather / (bandwidth["dp"] * 1e9), "last_bucket_fraction": last_bucket}
 
 
 def layouts(c: Config, cluster: Cluster):
@@ -258,42 +320,91 @@ def layouts(c: Config, cluster: Cluster):
 
 
 def _row(e: dict, cluster: Cluster) -> str:
-    fits = "yes" if e["total"] <= cluster.gpu_memory_gb * GB else "NO"
     comm = e["tp_seconds"] + e["pp_seconds"] + e["dp_seconds"] + e["ep_seconds"]
-    return (f"{e['tp']:>3} {e['pp']:>3} {e['dp']:>4} {e['vp']:>3} {e['ep']:>3} | {e['weights'] / GB:8.2f} "
-            f"{e['gradients'] / GB:8.2f} {e['optimizer'] / GB:8.2f} {e['activations'] / GB:8.2f} {e['total'] / GB:8.2f} "
-            f"{fits:>4} | {100 * e['bubble']:6.1f}% | {e['tp_bytes'] / GB:8.2f} {e['pp_bytes'] / GB:8.2f} "
-            f"{e['dp_bytes'] / GB:8.2f} {e['ep_bytes'] / GB:8.2f} {comm:8.3f}")
+    return (f"{e['tp']:>3} {e['pp']:>3} {e['dp']:>4} {e['vp']:>3} {e['ep']:>3} | {e['weights'] / GB:7.2f} "
+            f"{e['gradients'] / GB:7.2f} {e['optimizer'] / GB:7.2f} {e['activations'] / GB:7.2f} "
+            f"{e['total'] / GB:7.2f} {'yes' if fits(e, cluster) else 'NO':>4} | {100 * e['bubble']:5.1f}% | "
+            f"{comm:8.3g} {e['exposed_seconds']:8.3g} | {e['step_seconds']:8.3g} {e['tokens_per_second']:11,.0f}")
 
 
-HEADER = (" TP  PP   DP  VP  EP |  weights    grads optimizer activat.    total fits | bubble | "
-          "  TP GB/step PP GB    DP GB    EP GB  comm s\n" + "-" * 137)
+HEADER = (" TP  PP   DP  VP  EP | weights   grads   optim  activ.   total fits | bubble | "
+          "  comm s  exposed |   step s    tokens/s\n" + "-" * 117)
 
 
-def _cluster_flags(parser) -> None:
-    group = parser.add_argument_group("cluster (tools/parallel_plan.py)")
+def layout_flags(plan: dict, moe: bool) -> str:
+    """The pretrain_gpt.py flags that choose this plan's layout."""
+    flags = f"--tensor-model-parallel-size {plan['tp']} --pipeline-model-parallel-size {plan['pp']}"
+    return flags + (f" --expert-model-parallel-size {plan['ep']}" if moe else "")
+
+
+def vocabulary_size(data) -> int:
+    """The tokenizer's vocabulary size: --vocab-size, or read from the tokenizer's files."""
+    if data.vocab_size:
+        return data.vocab_size
+    if data.tokenizer_type in (None, "NullTokenizer"):
+        raise ConfigError("the planner needs the vocabulary: give --vocab-size N (the tokenizer's vocabulary "
+                          "size, e.g. 128256 for Llama 3), or --tokenizer-type with --tokenizer-model "
+                          "(or --vocab-file and --merge-file) to read it from the tokenizer")
+    return build_tokenizer(data).vocab_size
+
+
+DESCRIPTION = """\
+Plan a parallel layout before booking a cluster: memory per GPU, pipeline bubble, communication
+and an estimated step time (estimates, not measurements).
+
+Every pretrain_gpt.py flag is accepted and describes the model and the batch (--num-layers,
+--hidden-size, --seq-length, --micro-batch-size, --global-batch-size, --bf16, --recompute-*,
+--use-distributed-optimizer, ...); the flags of the planner, first below, describe the cluster.
+The vocabulary comes from --vocab-size (the tokenizer's vocabulary size) or from the tokenizer
+itself: --tokenizer-type with --tokenizer-model (or --vocab-file and --merge-file)."""
+
+EPILOG = """\
+examples:
+  %(prog)s --num-layers 16 --hidden-size 2048 --num-attention-heads 32 --num-query-groups 8 \\
+      --swiglu --seq-length 4096 --vocab-size 128256 --bf16 --micro-batch-size 1 \\
+      --global-batch-size 256 --world-size 8 --tensor-model-parallel-size 2
+  %(prog)s ... --world-size 64 --search     # every layout, fastest first, and the flags of the best
+
+formulas: docs/PARALLELISM.md (Planning)"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's paragraphs and shows defaults."""
+
+
+def _planner_flags(parser) -> None:
+    parser.prog = "tools/parallel_plan.py"
+    parser.usage = "%(prog)s [planner flags] [pretrain_gpt.py flags describing the model]"
+    parser.epilog = EPILOG
+    parser.formatter_class = _HelpFormatter
+    group = parser.add_argument_group("planner: the cluster")
     group.add_argument("--world-size", type=int, default=8, help="GPUs in the job.")
     group.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node.")
     group.add_argument("--gpu-memory-gb", type=float, default=80.0, help="Memory of one GPU, GiB.")
     group.add_argument("--intra-node-gb-per-s", type=float, default=300.0, help="NVLink bandwidth per GPU, GB/s.")
     group.add_argument("--inter-node-gb-per-s", type=float, default=25.0, help="Network bandwidth per GPU, GB/s.")
+    group.add_argument("--gpu-tflops", type=float, default=400.0,
+                       help="Dense TFLOP/s one GPU achieves in training, not its peak (H100 bf16: ~400 of "
+                            "989; A100 bf16: ~150 of 312; give your own for fp32); sets the step time.")
     group.add_argument("--search", action="store_true",
-                       help="Try every TP x PP (x EP for an MoE model) layout for --world-size.")
+                       help="Try every TP x PP (x EP for an MoE model) layout for --world-size, rank them by "
+                            "estimated step time and print the flags of the fastest that fits.")
+    # argparse prints groups in the order they were added; the planner's own come right after -h,
+    # before the ~330 training flags.
+    parser._action_groups.remove(group)
+    parser._action_groups.insert(parser._action_groups.index(parser._optionals) + 1, group)
 
 
 def main(argv=None) -> int:
     try:
-        config, ns = parse_args(argv, extra=_cluster_flags, description=__doc__.split("\n\n")[0])
-        if not config.data.vocab_size:
-            raise ConfigError("give the vocabulary size with --vocab-size N")
+        config, ns = parse_args(argv, extra=_planner_flags, description=DESCRIPTION)
+        vocab = vocabulary_size(config.data)
         cluster = Cluster(ns.world_size, ns.gpus_per_node, ns.gpu_memory_gb, ns.intra_node_gb_per_s,
-                          ns.inter_node_gb_per_s)
+                          ns.inter_node_gb_per_s, ns.gpu_tflops)
         par = config.parallel
         candidates = list(layouts(config, cluster)) if ns.search else \
             [(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size)]
-        print(f"memory per GPU (GiB, the fullest pipeline stage), bubble, communication per step and GPU; "
-              f"{cluster.world_size} GPUs, {cluster.gpu_memory_gb:g} GiB each")
-        print(HEADER)
+        plans, rejected, reasons = [], [], {}
         for tp, pp, ep in candidates:
             par.tensor_model_parallel_size, par.pipeline_model_parallel_size = tp, pp
             par.expert_model_parallel_size = ep
@@ -302,12 +413,34 @@ def main(argv=None) -> int:
             try:
                 config._validate_parallel()
                 config._validate_moe()
-                print(_row(estimate(config, cluster, config.data.vocab_size), cluster))
+                plans.append(estimate(config, cluster, vocab))
             except ConfigError as e:
                 if not ns.search:
                     raise
-                print(f"{tp:>3} {pp:>3}   -- EP {ep}: {e}")
-    except ConfigError as e:
+                rejected.append(f"{tp:>3} {pp:>3}   -- EP {ep}: {e}")
+                reasons[str(e)] = None
+        print(f"estimates, not measurements: {cluster.world_size} GPUs of {cluster.gpu_memory_gb:g} GiB at "
+              f"{cluster.gpu_tflops:g} TFLOP/s each (--gpu-tflops)" + ("; fastest first" if ns.search else ""))
+        print("memory per GPU in GiB (the fullest pipeline stage); communication per step and GPU in seconds "
+              "(all of it, and the part compute does not hide)")
+        if ns.search and not config.train.global_batch_size:
+            print("no --global-batch-size: a step holds --micro-batch-size x DP sequences, so compare tokens/s")
+        print(HEADER)
+        for plan in ranked(plans, cluster):
+            print(_row(plan, cluster))
+        for line in rejected:
+            print(line)
+        if ns.search:
+            if not plans:
+                raise ConfigError(f"no layout of {cluster.world_size} GPUs can run this model: " + "; ".join(reasons))
+            best = next((e for e in ranked(plans, cluster) if fits(e, cluster)), None)
+            if best is None:
+                raise ConfigError(f"no layout of {cluster.world_size} GPUs fits in {cluster.gpu_memory_gb:g} GiB "
+                                  f"per GPU; save memory (--recompute-granularity selective or full, "
+                                  f"--use-distributed-optimizer, --sequence-parallel, a smaller "
+                                  f"--micro-batch-size) or add GPUs (--world-size)")
+            print("recommended: " + layout_flags(best, bool(config.model.num_experts)))
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
