@@ -206,6 +206,34 @@ def test_tool_errors_are_one_line(tmp_path, mixed_corpus):
 
 
 
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_invalid_utf8_is_replaced_counted_and_reported(tmp_path, workers):
+    text = tmp_path / "a.txt"
+    text.write_bytes(b"first paragraph \xff\xfe here\n\nsecond paragraph, clean\n\nthird \xc3 paragraph\n")
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_bytes(b'\xef\xbb\xbf{"text": "a byte-order mark is no error", "id": 0}\n'
+                      b'{"text": "a bad \xe4\xb8 byte", "id": 1}\n'
+                      b'{"text": "an unpaired \\udcff escape", "id": 2}\n'
+                      b'{"text": "a pair \\ud83d\\ude00 is fine", "id": 3}\n')
+    out = tmp_path / "out.jsonl"
+    result = run_clean("--input", str(text), str(jsonl), "--output", str(out), "--no-quality", "--workers", workers)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["invalid_utf8"] == 4 and summary["kept"] == 7
+    assert "4 documents had invalid UTF-8 bytes (replaced with U+FFFD)" in result.stdout.splitlines()
+    kept = [json.loads(line)["text"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert kept == ["first paragraph \ufffd\ufffd here", "second paragraph, clean", "third \ufffd paragraph",
+                    "a byte-order mark is no error", "a bad \ufffd byte", "an unpaired \ufffd escape",
+                    "a pair \U0001f600 is fine"]
+
+
+def test_valid_input_reports_no_invalid_utf8(mixed_corpus, tmp_path):
+    path, _ = mixed_corpus
+    result = run_clean("--input", str(path), "--output", str(tmp_path / "o.jsonl"))
+    assert json.loads(result.stdout.strip().splitlines()[-1])["invalid_utf8"] == 0
+    assert "invalid UTF-8" not in result.stdout
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_truncated_gzip_input_is_one_error_and_keeps_the_old_output(tmp_path, workers):
     """tests/data/truncated.jsonl.gz is a gzip stream cut at 60%: 85 whole records, then EOF."""

@@ -98,6 +98,18 @@ def test_user_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "--tokenizer-model" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
+def test_invalid_utf8_is_replaced_and_counted(corpus, tmp_path):
+    _, _, tokenizer = corpus
+    path = tmp_path / "raw.txt"
+    path.write_bytes(b"the quick fox\n\nthe lazy \xff dog\n\nthe end\n")
+    result = preprocess(path, tmp_path / "out", tokenizer_dir=corpus[0].parent)
+    assert result.returncode == 0, result.stderr
+    assert "1 document had invalid UTF-8 bytes (replaced with U+FFFD)" in result.stderr.splitlines()
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["invalid_utf8"] == 1 and summary["documents"] == 3
+    ds = IndexedDataset(str(tmp_path / "out_text_document"))
+    assert ds[1].tolist() == tokenizer.encode("the lazy \ufffd dog")
+
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_truncated_gzip_input_is_one_error(corpus, tmp_path, workers):
@@ -112,6 +124,7 @@ def test_truncated_gzip_input_is_one_error(corpus, tmp_path, workers):
         f"reached; after 85 records): re-create or re-download it (gzip -t tests a .gz file)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out_text_document.bin", "out_text_document.idx"]
     assert (tmp_path / "out_text_document.bin").read_bytes() == b"earlier run"
+
 
 def load_tool(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")

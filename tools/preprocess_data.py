@@ -69,7 +69,8 @@ def _dtype(tokenizer):
 
 
 def _encode_batch(batch):
-    """[(size, {key: tokens} or None, error or None)] for a batch of raw records."""
+    """[(size, {key: tokens} or None, error kind or None, error or None, invalid UTF-8 replaced)]
+    for a batch of raw records."""
     import numpy as np
 
     from megalm.data.corpus import RecordError, parse_record
@@ -78,9 +79,9 @@ def _encode_batch(batch):
     out = []
     for raw in batch:
         try:
-            record = parse_record(raw, keys)
+            record, replaced = parse_record(raw, keys)
         except RecordError as e:
-            out.append((raw.size, None, e.kind, str(e)))
+            out.append((raw.size, None, e.kind, str(e), False))
             continue
         encoded = {}
         try:
@@ -90,14 +91,14 @@ def _encode_batch(batch):
                     ids.append(tokenizer.eod)
                 encoded[key] = np.asarray(ids, dtype=_worker["dtype"])
         except ValueError as e:
-            out.append((raw.size, None, "tokenizer", f"{raw.source}:{raw.line}: {e}"))
+            out.append((raw.size, None, "tokenizer", f"{raw.source}:{raw.line}: {e}", replaced))
             continue
-        out.append((raw.size, encoded, None, None))
+        out.append((raw.size, encoded, None, None, replaced))
     return out
 
 
 def main(argv=None) -> int:
-    from megalm.data.corpus import check_inputs, iter_raw
+    from megalm.data.corpus import check_inputs, invalid_utf8_note, iter_raw
     from megalm.data.errors import DataError
     from megalm.data.indexed_dataset import IndexedDatasetBuilder
     from megalm.data.progress import Progress, total_bytes
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(args.output_prefix), exist_ok=True)
     prefixes = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
     builders = {key: IndexedDatasetBuilder(prefix, _dtype(tokenizer)) for key, prefix in prefixes.items()}
-    stats = {"documents": 0, "tokens": 0, "malformed": 0}
+    stats = {"documents": 0, "tokens": 0, "malformed": 0, "invalid_utf8": 0}
     start = time.perf_counter()
     try:
         batches = batches_by_size(iter_raw(args.input, args.text_sample_by), max_records=1024)
@@ -123,8 +124,9 @@ def main(argv=None) -> int:
                 Progress("tokenizing", total_bytes(args.input), enabled=False if args.no_progress else None) as bar:
             for result in ordered_map(pool, _encode_batch, batches):
                 tokens = documents = nbytes = 0
-                for size, encoded, kind, error in result:
+                for size, encoded, kind, error, replaced in result:
                     nbytes += size
+                    stats["invalid_utf8"] += replaced
                     if encoded is None:
                         if kind != "malformed" or args.strict:
                             raise DataError(error + (" (--strict)" if kind == "malformed" else ""))
@@ -146,6 +148,8 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     if stats["malformed"]:
         print(f"skipped {stats['malformed']} malformed lines (--strict makes them fatal)", file=sys.stderr)
+    if stats["invalid_utf8"]:
+        print(invalid_utf8_note(stats["invalid_utf8"]), file=sys.stderr)
     print(json.dumps({**stats, "seconds": round(seconds, 2), "tokens_per_second": round(stats["tokens"] / seconds),
                       "outputs": list(prefixes.values())}))
     return 0

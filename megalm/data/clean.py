@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from megalm.data.cli import option
-from megalm.data.corpus import RawRecord, RecordError, iter_raw, parse_record
+from megalm.data.corpus import RawRecord, RecordError, invalid_utf8_note, iter_raw, parse_record
 from megalm.data.errors import DataError
 from megalm.data.quality import RULES as QUALITY_RULES
 from megalm.data.quality import QualityConfig, check_quality
@@ -67,6 +67,7 @@ class Outcome:
     signature: object = None
     size: int = 0
     error: Optional[str] = None
+    invalid_utf8: bool = False  # bytes that were not UTF-8 were replaced with U+FFFD
 
 
 class DocumentCleaner:
@@ -86,27 +87,32 @@ class DocumentCleaner:
                                     simplify=config.minhash_simplify)
 
     def process(self, raw: RawRecord) -> Outcome:
-        c = self.config
         try:
-            record = parse_record(raw, [self.key])
+            record, replaced = parse_record(raw, [self.key])
         except RecordError as e:
             return Outcome(None, e.kind, size=raw.size, error=str(e))
+        outcome = self._judge(record)
+        outcome.size, outcome.invalid_utf8 = raw.size, replaced
+        return outcome
+
+    def _judge(self, record: dict) -> Outcome:
+        c = self.config
         text = normalize_text(record[self.key], c.normalize, c.strip_control, c.fix_whitespace)
         record[self.key] = text
         if not text.strip():
-            return Outcome(record, "empty", size=raw.size)
+            return Outcome(record, "empty")
         language = None
         if self.identifier is not None:
             language, score = self.identifier.predict(text)
             if score < c.language_threshold or not self.identifier.accepts(language, c.language):
-                return Outcome(record, "language", size=raw.size)
+                return Outcome(record, "language")
         if c.quality:
             rule = check_quality(text, self.quality, language if self.identifier is not None else None)
             if rule is not None:
-                return Outcome(record, rule, size=raw.size)
+                return Outcome(record, rule)
         exact = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest() if c.exact_dedup else None
         signature = self.hasher.signature(text) if self.hasher is not None else None
-        return Outcome(record, None, exact, signature, size=raw.size)
+        return Outcome(record, None, exact, signature)
 
 
 _worker: dict = {}
@@ -151,12 +157,13 @@ def check_config(config: CleanConfig, quality: QualityConfig) -> None:
 def clean_corpus(inputs: Sequence[str], output: str, config: CleanConfig, quality: Optional[QualityConfig] = None,
                  rejected: Optional[str] = None, workers: int = 1, progress=None) -> dict:
     """Clean `inputs` into the jsonl file `output` (and the removed documents, each with a
-    "rejected_by" field, into `rejected`). Returns the counts per rule. `progress(nbytes,
+    "rejected_by" field, into `rejected`). Returns the counts per rule, and under "invalid_utf8"
+    the documents whose undecodable bytes were replaced with U+FFFD. `progress(nbytes,
     documents)` is called as records are done. Files appear under their final names only when
     the run completes."""
     quality = quality or QualityConfig()
     check_config(config, quality)
-    counts = {"documents": 0, "kept": 0, "removed": {name: 0 for name in rule_names(config)}}
+    counts = {"documents": 0, "kept": 0, "removed": {name: 0 for name in rule_names(config)}, "invalid_utf8": 0}
     lsh = None
     if config.near_dedup:
         from megalm.data.minhash import LSHIndex
@@ -180,6 +187,7 @@ def clean_corpus(inputs: Sequence[str], output: str, config: CleanConfig, qualit
                     if rule is None and lsh is not None and lsh.query_or_add(outcome.signature) is not None:
                         rule = "near_duplicate"
                     counts["documents"] += 1
+                    counts["invalid_utf8"] += outcome.invalid_utf8
                     if rule is None:
                         counts["kept"] += 1
                         files[0].write(json.dumps(outcome.record, ensure_ascii=False) + "\n")
@@ -210,4 +218,7 @@ def summary_table(counts: dict) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{'rule':<{width}}  {'count':>10}  {'share':>7}"]
     lines += [f"{name:<{width}}  {n:>10,}  {100 * n / total:>6.2f}%" for name, n in rows]
+    if counts.get("invalid_utf8"):
+        lines.append(invalid_utf8_note(counts["invalid_utf8"]))
     return "\n".join(lines)
+

@@ -5,6 +5,11 @@ Reading is split in two so that parsing can happen in worker processes: `iter_ra
 and `parse_record` turns one into a dict in a worker, raising `RecordError` for a malformed line or
 a missing key, with the file and line number.
 
+Bytes that are not UTF-8 are read as lone surrogates ("surrogateescape", so each document keeps
+track of its own) and `parse_record` replaces them with U+FFFD, as it does JSON escapes of
+unpaired surrogates (``"\\udcff"``): neither could be written out as UTF-8. It says whether it did,
+so the tools can count the documents affected.
+
 File kinds go by extension: ``.jsonl`` / ``.json`` / ``.ndjson`` (one JSON object per line),
 ``.parquet``, anything else is plain text; a trailing ``.gz`` is decompressed on the fly. Plain
 text is cut into documents per `text_sample_by`: ``line``, ``paragraph`` (blocks separated by
@@ -18,6 +23,7 @@ import gzip
 import io
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -109,11 +115,11 @@ def _iter_jsonl(path: str) -> Iterator[RawRecord]:
 
 def _iter_text(path: str, sample_by: str) -> Iterator[RawRecord]:
     with _open_binary(path) as raw:
-        f = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+        f = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
         if sample_by == "document":
             text = f.read()
             if text.strip():
-                yield RawRecord(path, 1, "text", text, len(text.encode("utf-8", errors="replace")))
+                yield RawRecord(path, 1, "text", text, len(text.encode("utf-8", errors="surrogateescape")))
             return
         block, start = [], 1
         for n, line in enumerate(f, 1):
@@ -151,21 +157,14 @@ def _iter_parquet(path: str) -> Iterator[RawRecord]:
             yield RawRecord(path, n, "row", row, size)
 
 
-def parse_record(raw: RawRecord, keys: Sequence[str]) -> dict:
-    """The record as a dict holding string values for every key of `keys`. Plain text records
-    become ``{key: text}`` for the first key."""
+def parse_record(raw: RawRecord, keys: Sequence[str]) -> tuple[dict, bool]:
+    """The record as a dict holding string values for every key of `keys`, and whether invalid
+    UTF-8 in it was replaced with U+FFFD. Plain text records become ``{key: text}`` for the first
+    key."""
     if raw.kind == "text":
-        return {keys[0]: raw.payload}
-    if raw.kind == "json":
-        try:
-            record = json.loads(raw.payload)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RecordError("malformed", f"{raw.source}:{raw.line}: not valid JSON ({e})") from None
-        if not isinstance(record, dict):
-            raise RecordError("malformed", f"{raw.source}:{raw.line}: a JSON {type(record).__name__}, "
-                                           f"not an object")
-    else:
-        record = raw.payload
+        text, replaced = replace_invalid_unicode(raw.payload)
+        return {keys[0]: text}, replaced
+    record, replaced = _parse_json(raw) if raw.kind == "json" else (raw.payload, False)
     for key in keys:
         if key not in record:
             raise RecordError("missing_key", f"{raw.source}:{raw.line}: no key {key!r} (keys: "
@@ -173,7 +172,75 @@ def parse_record(raw: RawRecord, keys: Sequence[str]) -> dict:
         if not isinstance(record[key], str):
             raise RecordError("malformed", f"{raw.source}:{raw.line}: {key!r} is a "
                                            f"{type(record[key]).__name__}, not a string")
-    return record
+    return record, replaced
+
+
+def _parse_json(raw: RawRecord) -> tuple[dict, bool]:
+    try:
+        text = raw.payload.decode("utf-8")
+        # Strict decoding leaves JSON escapes of unpaired surrogates (\udcff) as the only source
+        # of lone surrogates; paired ones (emoji) also match, and the check below finds nothing.
+        suspect = "\\ud" in text or "\\uD" in text
+    except UnicodeDecodeError:
+        text, suspect = raw.payload.decode("utf-8", errors="surrogateescape"), True
+    try:
+        record = json.loads(text.removeprefix("\ufeff"))  # a byte-order mark may open the file
+    except ValueError as e:
+        raise RecordError("malformed", f"{raw.source}:{raw.line}: not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise RecordError("malformed", f"{raw.source}:{raw.line}: a JSON {type(record).__name__}, not an object")
+    return replace_invalid_unicode(record) if suspect else (record, False)
+
+
+# surrogateescape reads byte b >= 0x80 that is not UTF-8 as U+DC00 + b.
+_ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _is_valid_unicode(text: str) -> bool:
+    """No lone surrogate: UTF-8 encoding fails only on one, and is several times faster than a
+    regex scan."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _decode_escaped(match: re.Match) -> str:
+    # Decoding the bytes again with errors="replace" gives one U+FFFD per maximal invalid
+    # sequence (the Unicode standard's practice), as reading with errors="replace" would.
+    return match.group().encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+
+
+def replace_invalid_unicode(value: Any) -> tuple[Any, bool]:
+    """`value` with every lone surrogate in its strings (dict keys and values, list items,
+    recursively) replaced by U+FFFD, and whether there was one."""
+    found = False
+
+    def fix(item):
+        nonlocal found
+        if isinstance(item, str):
+            if _is_valid_unicode(item):
+                return item
+            item, escaped = _ESCAPED_BYTES.subn(_decode_escaped, item)
+            item, lone = _LONE_SURROGATE.subn("\ufffd", item)
+            found = found or escaped + lone > 0
+            return item
+        if isinstance(item, dict):
+            return {fix(k): fix(v) for k, v in item.items()}
+        if isinstance(item, list):
+            return [fix(v) for v in item]
+        return item
+
+    return fix(value), found
+
+
+def invalid_utf8_note(documents: int) -> str:
+    """The tools' report line for documents whose invalid bytes `parse_record` replaced."""
+    return f"{documents:,} document{'' if documents == 1 else 's'} had invalid UTF-8 bytes (replaced with U+FFFD)"
 
 
 def iter_texts(paths: Sequence[str], key: str = "text", text_sample_by: str = "paragraph") -> Iterator[str]:
@@ -181,7 +248,7 @@ def iter_texts(paths: Sequence[str], key: str = "text", text_sample_by: str = "p
     is an error)."""
     for raw in iter_raw(paths, text_sample_by):
         try:
-            yield parse_record(raw, [key])[key]
+            yield parse_record(raw, [key])[0][key]
         except RecordError as e:
             if e.kind == "missing_key":
                 raise DataError(str(e)) from None
