@@ -10,6 +10,7 @@ whose routed experts are quantized per expert.
 """
 
 import argparse
+import ast
 import copy
 import json
 import os
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from megalm.config import Config, DataConfig, ModelConfig
-from megalm.inference import evaluate, quantize
+from megalm.inference import evaluate, loading, quantize
 from megalm.inference.quantize import QuantizedLinear, pack_int4, quantize_gptq, quantize_rtn, unpack_int4
 from megalm.model import GPTModel
 
@@ -188,13 +189,12 @@ def test_quantized_model_replaces_the_layer_linears_only_and_is_smaller(trained)
 
 def test_save_and_load_quantized(trained, tmp_path):
     model, train, _, root = trained
-    from megalm.inference.loading import load_model
-    loaded = load_model(str(root / "ckpt"), device="cpu")
+    loaded = loading.load_model(str(root / "ckpt"), device="cpu")
     quantize.quantize_model(loaded.model, "gptq-int4", _calibration(train), act_order=True)
     settings = {"method": "gptq-int4", "group_size": 128, "symmetric": False, "act_order": True}
-    quantize.save_quantized(str(tmp_path / "q"), loaded.model, loaded.config, settings, loaded.vocab_size,
-                            os.path.join(loaded.path, "tokenizer"))
-    again = load_model(str(tmp_path / "q"), device="cpu")
+    loading.save_quantized(str(tmp_path / "q"), loaded.model, loaded.config, settings, loaded.vocab_size,
+                           os.path.join(loaded.path, "tokenizer"))
+    again = loading.load_model(str(tmp_path / "q"), device="cpu")
     tokens = torch.tensor([train[:40].tolist()])
     with torch.no_grad():
         assert torch.equal(again.model(tokens), loaded.model(tokens))
@@ -225,12 +225,23 @@ def test_moe_experts_are_quantized_within_the_same_margins(trained_moe, tmp_path
                         for i in range(0, len(tokens), SEQ))
     assert nll(quantized["gptq-int4"]) <= nll(q)
     config = Config(model=model.config)
-    quantize.save_quantized(str(tmp_path / "q"), quantized["gptq-int4"], config,
-                            {"method": "gptq-int4", "group_size": 128, "symmetric": False, "act_order": False}, 512)
-    again = quantize.load_quantized(str(tmp_path / "q")).model
+    loading.save_quantized(str(tmp_path / "q"), quantized["gptq-int4"], config,
+                           {"method": "gptq-int4", "group_size": 128, "symmetric": False, "act_order": False}, 512)
+    again = loading.load_quantized(str(tmp_path / "q")).model
     x = torch.tensor([train[:40].tolist()])
     with torch.no_grad():
         assert torch.equal(again(x), quantized["gptq-int4"](x))
+
+
+def test_quantization_math_does_not_import_loading():
+    """Loading imports quantize (to rebuild a saved model's layers), never the other way round,
+    and neither hides an import of the other in a function body."""
+    def inference_imports(module):
+        tree = ast.parse(open(module.__file__).read())
+        found = [(n.module, n.col_offset) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        return [(name, col) for name, col in found if name and name.startswith("megalm.inference")]
+    assert inference_imports(quantize) == []
+    assert inference_imports(loading) == [("megalm.inference", 0)]
 
 
 def _cli(tool, *args):

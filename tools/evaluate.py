@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from megalm.convert import ConversionError  # noqa: E402
 from megalm.data.errors import DataError  # noqa: E402
 from megalm.inference import evaluate, quantize  # noqa: E402
-from megalm.inference.loading import load_model  # noqa: E402
+from megalm.inference.loading import load_model, save_quantized  # noqa: E402
 from megalm.training.checkpoint import CheckpointError  # noqa: E402
 
 
@@ -111,8 +111,8 @@ def main(argv=None) -> int:
                 "layer_bytes_unquantized": linear_before}
             if args.save_quantized:
                 tokenizer_dir = os.path.join(loaded.path, "tokenizer")
-                quantize.save_quantized(args.save_quantized, loaded.model, loaded.config, settings,
-                                        loaded.vocab_size, tokenizer_dir)
+                save_quantized(args.save_quantized, loaded.model, loaded.config, settings, loaded.vocab_size,
+                               tokenizer_dir)
                 result["quantization"]["saved"] = args.save_quantized
     except (CheckpointError, ConversionError, DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

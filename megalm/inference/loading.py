@@ -1,18 +1,31 @@
 """Loading a model for inference: a megalm checkpoint or a quantized model directory, its tokenizer
 and its true vocabulary size, on the device and in the dtype asked for (default: bf16 on a GPU,
-fp32 on CPU)."""
+fp32 on CPU).
+
+A quantized model directory (`save_quantized`) holds model.safetensors (codes, scales, zero points
+and the full-precision tensors), quantization.json (format version, method and settings, true
+vocabulary size, model config) and tokenizer/.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from megalm.config import Config
 from megalm.convert.megalm_checkpoint import build_tokenizer, checkpoint_config, open_checkpoint
+from megalm.inference import quantize
 from megalm.model import GPTModel
+
+QUANTIZATION_FILE = "quantization.json"
+QUANTIZED_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -41,12 +54,11 @@ def true_vocab_size(config: Config, tokenizer, recorded: Optional[int] = None) -
 
 def load_model(path: str, device=None, dtype: Optional[str] = None) -> LoadedModel:
     """The model in `path` (a megalm checkpoint root / iter directory, or a directory written by
-    `megalm.inference.quantize.save_quantized`), in eval mode."""
-    from megalm.inference import quantize
+    `save_quantized`), in eval mode."""
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
-    if os.path.isfile(os.path.join(path, quantize.QUANTIZATION_FILE)):
-        loaded = quantize.load_quantized(path)
+    if os.path.isfile(os.path.join(path, QUANTIZATION_FILE)):
+        loaded = load_quantized(path)
     else:
         found = open_checkpoint(path)
         config = checkpoint_config(found)
@@ -57,3 +69,33 @@ def load_model(path: str, device=None, dtype: Optional[str] = None) -> LoadedMod
         loaded = LoadedModel(model, config, tokenizer, vocab, found["path"])
     loaded.model.to(device=device, dtype=torch_dtype).eval()
     return loaded
+
+
+def save_quantized(path: str, model: nn.Module, config: Config, settings: dict, vocab_size: int,
+                   tokenizer_dir: Optional[str] = None) -> str:
+    """Write a quantized model to the directory `path` (created; must not hold one already)."""
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "megalm-quantized"})
+    config_dict = config.to_dict()
+    if tokenizer_dir and os.path.isdir(tokenizer_dir):
+        shutil.copytree(tokenizer_dir, os.path.join(path, "tokenizer"), dirs_exist_ok=True)
+        config_dict["data"]["tokenizer_model"] = os.path.abspath(os.path.join(path, "tokenizer"))
+    with open(os.path.join(path, QUANTIZATION_FILE), "w") as f:
+        json.dump({"format_version": QUANTIZED_FORMAT_VERSION, "quantization": settings, "vocab_size": vocab_size,
+                   "config": config_dict}, f, indent=1)
+    return path
+
+
+def load_quantized(path: str) -> LoadedModel:
+    """The quantized model in the directory `path` (on CPU, fp32 activations)."""
+    with open(os.path.join(path, QUANTIZATION_FILE)) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != QUANTIZED_FORMAT_VERSION:
+        raise ValueError(f"{path}/{QUANTIZATION_FILE} has format version {meta.get('format_version')}; "
+                         f"this megalm reads {QUANTIZED_FORMAT_VERSION}")
+    config = checkpoint_config({"metadata": meta, "path": path})
+    settings = meta["quantization"]
+    model = quantize.prepare_quantized(GPTModel(config.model), settings["method"], settings["group_size"])
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    return LoadedModel(model, config, build_tokenizer(config), meta["vocab_size"], path)

@@ -31,28 +31,20 @@ expert, groups along its input features), the forward dequantizing them for the 
 GEMMs. GPTQ calibrates each expert on the rows routed to it (fc2 on the SwiGLU of those rows
 through the original fc1); an expert that received no calibration row is rounded to nearest. The
 router stays in full precision: the choice of experts must not move.
-`save_quantized` / `load_quantized` keep such a model in a directory: model.safetensors,
-quantization.json (method and model config) and tokenizer/.
+`megalm.inference.loading` saves and loads a quantized model.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from megalm.config import Config
 from megalm.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 METHODS = ("int8", "int4", "gptq-int4")
-QUANTIZATION_FILE = "quantization.json"
-FORMAT_VERSION = 1
 
 
 # ---- grids, packing ---------------------------------------------------------------------------
@@ -229,6 +221,12 @@ def _linears(module: nn.Module):
     return [(name, m) for name, m in module.named_modules() if isinstance(m, _LINEARS)]
 
 
+def _swap(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` in place of root's submodule `name`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
 def _replace(root: nn.Module, name: str, linear: nn.Module, bits: int, group_size: int, codes, scales, zeros):
     weight = linear.weight
     q = QuantizedLinear(weight.shape[1], weight.shape[0], bits, group_size, linear.bias is not None,
@@ -236,8 +234,7 @@ def _replace(root: nn.Module, name: str, linear: nn.Module, bits: int, group_siz
     q.set_codes(codes.to(weight.device), scales.to(weight.device), zeros.to(weight.device) if bits == 4 else None)
     if linear.bias is not None:
         q.bias.data.copy_(linear.bias.detach().float())
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, q)
+    _swap(root, name, q)
 
 
 def _grouped_experts(module: nn.Module):
@@ -253,8 +250,7 @@ def _replace_experts(root: nn.Module, name: str, experts: nn.Module, bits: int, 
     q = QuantizedExperts(e, hidden, two_ffn // 2, bits, group_size, device=dev)
     for store, (codes, scales, zeros) in zip((q.fc1, q.fc2), quantized):
         store.set_codes(codes.to(dev), scales.to(dev), zeros.to(dev) if bits == 4 else None)
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, q)
+    _swap(root, name, q)
 
 
 def _rtn_experts(experts: nn.Module, bits: int, group_size: int, symmetric: bool) -> list:
@@ -370,6 +366,20 @@ def quantize_model(model: nn.Module, method: str, calibration: Optional[Iterable
     return model
 
 
+def prepare_quantized(model: nn.Module, method: str, group_size: int) -> nn.Module:
+    """Give a freshly built `model` the modules `quantize_model(model, method, group_size=...)` would
+    give it, holding no codes yet: the shape a saved quantized state dict loads into. In place."""
+    bits = _bits(method)
+    for layer in model.layers:
+        for name, linear in _linears(layer):
+            _swap(layer, name, QuantizedLinear(linear.weight.shape[1], linear.weight.shape[0], bits, group_size,
+                                               linear.bias is not None))
+        for name, experts in _grouped_experts(layer):
+            e, two_ffn, hidden = experts.weight1.shape
+            _swap(layer, name, QuantizedExperts(e, hidden, two_ffn // 2, bits, group_size))
+    return model
+
+
 def model_bytes(model: nn.Module, exclude_embeddings: bool = False) -> int:
     """Bytes of every parameter and persistent buffer (optionally without embedding / output layer)."""
     total = 0
@@ -378,50 +388,3 @@ def model_bytes(model: nn.Module, exclude_embeddings: bool = False) -> int:
             continue
         total += t.numel() * t.element_size()
     return total
-
-
-# ---- save / load -------------------------------------------------------------------------------
-
-def save_quantized(path: str, model: nn.Module, config: Config, settings: dict, vocab_size: int,
-                   tokenizer_dir: Optional[str] = None) -> str:
-    """Write a quantized model to the directory `path` (created; must not hold one already)."""
-    os.makedirs(path, exist_ok=True)
-    state = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
-    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "megalm-quantized"})
-    config_dict = config.to_dict()
-    if tokenizer_dir and os.path.isdir(tokenizer_dir):
-        shutil.copytree(tokenizer_dir, os.path.join(path, "tokenizer"), dirs_exist_ok=True)
-        config_dict["data"]["tokenizer_model"] = os.path.abspath(os.path.join(path, "tokenizer"))
-    with open(os.path.join(path, QUANTIZATION_FILE), "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, "quantization": settings, "vocab_size": vocab_size,
-                   "config": config_dict}, f, indent=1)
-    return path
-
-
-def load_quantized(path: str):
-    """-> megalm.inference.loading.LoadedModel (on CPU, fp32 activations)."""
-    from megalm.convert.megalm_checkpoint import build_tokenizer, checkpoint_config
-    from megalm.inference.loading import LoadedModel
-    from megalm.model import GPTModel
-    with open(os.path.join(path, QUANTIZATION_FILE)) as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}/{QUANTIZATION_FILE} has format version {meta.get('format_version')}; "
-                         f"this megalm reads {FORMAT_VERSION}")
-    config = checkpoint_config({"metadata": meta, "path": path})
-    settings = meta["quantization"]
-    bits = _bits(settings["method"])
-    model = GPTModel(config.model)
-    for layer in model.layers:
-        for name, linear in _linears(layer):
-            q = QuantizedLinear(linear.weight.shape[1], linear.weight.shape[0], bits, settings["group_size"],
-                                linear.bias is not None)
-            parent_name, _, child = name.rpartition(".")
-            setattr(layer.get_submodule(parent_name) if parent_name else layer, child, q)
-        for name, experts in _grouped_experts(layer):
-            e, two_ffn, hidden = experts.weight1.shape
-            q = QuantizedExperts(e, hidden, two_ffn // 2, bits, settings["group_size"])
-            parent_name, _, child = name.rpartition(".")
-            setattr(layer.get_submodule(parent_name) if parent_name else layer, child, q)
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
-    return LoadedModel(model, config, build_tokenizer(config), meta["vocab_size"], path)
