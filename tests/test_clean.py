@@ -205,6 +205,22 @@ def test_tool_errors_are_one_line(tmp_path, mixed_corpus):
     assert not (tmp_path / "o.jsonl").exists() and not list(tmp_path.glob("o.jsonl.tmp*"))
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--bogus"], "unrecognized arguments: --bogus (see clean_corpus.py --help)"),
+    (["--workers", "two"], "argument --workers: invalid int value: 'two' (see clean_corpus.py --help)"),
+    (["--normalize", "NFD"], "argument --normalize: invalid choice: 'NFD' (choose from 'NFC', 'NFKC', 'none') "
+                             "(see clean_corpus.py --help)"),
+])
+def test_tool_bad_flags_are_one_line(tmp_path, mixed_corpus, args, message):
+    path, _ = mixed_corpus
+    result = run_clean("--input", str(path), "--output", str(tmp_path / "o.jsonl"), *args)
+    assert result.returncode == 2 and result.stderr == f"error: {message}\n"
+    result = run_clean("--input", str(tmp_path), "--output", str(tmp_path / "o.jsonl"))
+    assert result.returncode == 2 and result.stderr == (f"error: --input {tmp_path} is a directory: give the files "
+                                                        f"in it (--input {tmp_path}/*.jsonl)\n")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -96,6 +96,17 @@ def test_user_errors_are_one_line(tmp_path):
     result = tool("preprocess_data.py", "--input", str(tmp_path / "x.jsonl"), "--output-prefix",
                   str(tmp_path / "o"), "--tokenizer-type", "MegaBPE", "--tokenizer-model", str(tmp_path / "t"))
     assert result.returncode == 2 and "--tokenizer-model" in result.stderr and len(result.stderr.splitlines()) == 1
+    result = tool("preprocess_data.py", "--input", str(tmp_path / "x.jsonl"), "--output-prefix", str(tmp_path / "o"),
+                  "--tokenizer-type", "NullTokenizer", "--vocab-size", "10", "--threads", "2")
+    assert result.returncode == 2 and result.stderr == ("error: unrecognized arguments: --threads 2 (see "
+                                                        "preprocess_data.py --help)\n")
+    result = tool("preprocess_data.py", "--input", str(tmp_path / "x.jsonl"), "--output-prefix", str(tmp_path / "o"))
+    assert result.returncode == 2 and result.stderr == ("error: the following arguments are required: "
+                                                        "--tokenizer-type (see preprocess_data.py --help)\n")
+    result = tool("merge_datasets.py", "--input", str(tmp_path / "a"))
+    assert result.returncode == 2 and result.stderr == ("error: the following arguments are required: "
+                                                        "--output-prefix (see merge_datasets.py --help)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl"]
 
 
 def test_invalid_utf8_is_replaced_and_counted(corpus, tmp_path):

@@ -8,7 +8,6 @@ Prints a table of the documents removed per rule, then, as the last line, the sa
 JSON object. See docs/DATA.md for the rules and their defaults.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -17,14 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megalm.data.cli import add_dataclass_flags, dataclass_from_args, run  # noqa: E402
+from megalm.data.cli import ArgumentParser, add_dataclass_flags, dataclass_from_args, run  # noqa: E402
 
 
 def parse_args(argv=None):
     from megalm.data.clean import CleanConfig
     from megalm.data.quality import QualityConfig
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", required=True, help="jsonl / text / parquet files (.gz works).")
     parser.add_argument("--output", required=True, help="Kept documents, jsonl.")
     parser.add_argument("--rejected", help="Also write the removed documents here, with a 'rejected_by' field.")

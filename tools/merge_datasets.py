@@ -9,21 +9,20 @@
 sorted order. All inputs must hold the same token type (the same tokenizer).
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megalm.data.cli import run  # noqa: E402
+from megalm.data.cli import ArgumentParser, run  # noqa: E402
 
 
 def main(argv=None) -> int:
     from megalm.data.errors import DataError
     from megalm.data.indexed_dataset import IndexedDataset, dataset_exists, merge_datasets
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", required=True, help="Dataset prefixes, or one directory.")
     parser.add_argument("--output-prefix", required=True, help="Writes OUTPUT_PREFIX.bin/.idx.")
     args = parser.parse_args(argv)

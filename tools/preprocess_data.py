@@ -20,13 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megalm.data.cli import run  # noqa: E402
+from megalm.data.cli import ArgumentParser, run  # noqa: E402
 
 
 def parse_args(argv=None):
     from megalm.data.tokenizer import TOKENIZER_TYPES
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("input data")
     group.add_argument("--input", nargs="+", required=True, help="jsonl / text / parquet files (.gz works).")

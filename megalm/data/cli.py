@@ -1,4 +1,5 @@
-"""Shared plumbing of the data tools: flags from dataclass fields, and one-line errors.
+"""Shared plumbing of the data tools: flags from dataclass fields, and one-line errors (for a bad
+flag too).
 
 A boolean field that defaults to True becomes ``--no-NAME``; one that defaults to False,
 ``--NAME``; a list field takes several values (``--language zh en``).
@@ -12,6 +13,16 @@ import logging
 import sys
 import typing
 from typing import Callable
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a DataError: `run` prints it as one `error: ...` line (exit status
+    2) instead of the whole usage text above argparse's own error line."""
+
+    def error(self, message: str):
+        from megalm.data.errors import DataError
+
+        raise DataError(f"{message} (see {self.prog} --help)")
 
 
 def option(default, help: str, **extra):

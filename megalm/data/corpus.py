@@ -64,6 +64,8 @@ def check_inputs(paths: Sequence[str], flag: str = "--input") -> None:
     if not paths:
         raise DataError(f"no input files: give {flag} FILE [FILE ...]")
     for path in paths:
+        if os.path.isdir(path):
+            raise DataError(f"{flag} {path} is a directory: give the files in it ({flag} {path}/*.jsonl)")
         if not os.path.isfile(path):
             raise DataError(f"{flag} {path}: no such file")
 
