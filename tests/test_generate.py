@@ -211,3 +211,28 @@ def test_cli_streams_one_prompt_and_batches_several(text_checkpoint, tmp_path):
 
     r = _cli("--load", str(tmp_path / "nothing"), "--prompt", "x")
     assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.startswith("error: ")
+
+
+def test_cli_says_why_generation_stopped(text_checkpoint):
+    """Under the text, stderr names the reason in the flags' own words; a batch names each prompt's
+    reason when they differ."""
+    lm = load_model(text_checkpoint, device="cpu")
+    prompts = ["def wrap(text", "import os"]
+    free = [generate(lm.model, [lm.tokenizer.encode(p)], _greedy(6), vocab_size=lm.vocab_size, eod=lm.tokenizer.eod,
+                     decode=lm.tokenizer.decode)[0] for p in prompts]
+    assert [f.finish_reason for f in free] == ["length", "length"] and free[0].text.strip()
+    stop_id = next((t for t in free[0].tokens if t not in free[1].tokens), None)
+    assert stop_id is not None
+
+    def reason(*flags):
+        r = _cli("--load", text_checkpoint, "--max-new-tokens", "6", "--greedy", *flags)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.splitlines()[-1].startswith("(generated ") and "tokens/s)" in r.stderr
+        return r.stderr.splitlines()[-2]
+
+    one = ("--prompt", prompts[0])
+    assert reason(*one) == "(stopped: reached --max-new-tokens 6)"
+    assert reason(*one, "--stop-token-id", str(stop_id)) == "(stopped: end of text or a --stop-token-id)"
+    assert reason(*one, "--stop", free[0].text.strip()[0]) == "(stopped: found a --stop string)"
+    assert reason(*one, "--prompt", prompts[1], "--stop-token-id", str(stop_id)) == (
+        "(stopped: prompt 0: end of text or a --stop-token-id; prompt 1: reached --max-new-tokens 6)")

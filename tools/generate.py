@@ -47,6 +47,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def stopped(results, args) -> str:
+    """Why generation ended, in words: one reason, or each prompt's when they differ."""
+    reasons = {"length": f"reached --max-new-tokens {args.max_new_tokens}",
+               "stop_token": "end of text or a --stop-token-id" if args.stop_token_id else "end of text",
+               "stop_string": "found a --stop string"}
+    said = [reasons[r.finish_reason] for r in results]
+    if len(set(said)) == 1:
+        return f"(stopped: {said[0]})"
+    return "(stopped: " + "; ".join(f"prompt {i}: {reason}" for i, reason in enumerate(said)) + ")"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -85,8 +96,9 @@ def main(argv=None) -> int:
                     print(f"=== {i} ===")
                 print(prompt + result.text)
         new_tokens = sum(len(r.tokens) for r in results)
-        print(f"[{new_tokens} tokens in {elapsed:.2f} s, {new_tokens / max(elapsed, 1e-9):.1f} tokens/s; "
-              f"{', '.join(sorted({r.finish_reason for r in results}))}]", file=sys.stderr)
+        print(stopped(results, args), file=sys.stderr)
+        print(f"(generated {new_tokens} tokens in {elapsed:.2f} s, {new_tokens / max(elapsed, 1e-9):.1f} tokens/s)",
+              file=sys.stderr)
     except (CheckpointError, ConversionError, DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
