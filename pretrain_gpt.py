@@ -10,18 +10,18 @@
         --pipeline-model-parallel-size 2 ...           # tensor 2 x pipeline 2 x data 2
 
 The three providers below are the whole recipe, as in Megatron-LM: a model, the datasets and the
-forward step. `megalm.training.pretrain` does the rest (see `--help` for every flag).
+forward step. `megalm.training.trainer.pretrain` does the rest (see `--help` for every flag).
 """
 
-import copy
 import sys
 from typing import Optional
 
 from megalm.arguments import parse_args
+from megalm.checkpoint import CheckpointError
 from megalm.config import Config, ConfigError, pad_vocab_size
 from megalm.model import GPTModel
 from megalm.parallel.state import ParallelState
-from megalm.training.checkpoint import CheckpointError
+from megalm.training.launch import report_error
 from megalm.training.trainer import TrainingError, gpt_forward_step, pretrain
 
 
@@ -52,6 +52,7 @@ def set_vocabulary(config: Config) -> None:
     else:
         from megalm.data.tokenizer import build_tokenizer
         vocab_size = build_tokenizer(config.data).vocab_size
+    config.model.vocab_size = vocab_size
     config.model.padded_vocab_size = pad_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by,
                                                     config.parallel.tensor_model_parallel_size)
 
@@ -59,15 +60,11 @@ def set_vocabulary(config: Config) -> None:
 def main(argv=None) -> int:
     try:
         config, _ = parse_args(argv, description=__doc__.split("\n\n")[0])
-        # Fail fast on bad flags, before any process group or tokenizer exists. validate() fills in
-        # defaults that depend on the data-parallel size, so check a copy: the trainer validates
-        # the real config once the process group tells it that size.
-        copy.deepcopy(config).validate()
+        config.validate()  # fail fast, before any process group or tokenizer exists
         set_vocabulary(config)
         pretrain(config, model_provider, datasets_provider, gpt_forward_step)
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(str(e))
     return 0
 
 

@@ -11,13 +11,17 @@ one field here. Names follow Megatron-LM where it has one. A field's ``metadata`
 - ``type``: a parser for the flag's string when the annotation's type is not enough
   (``--moe-layer-freq`` takes an int or a per-layer pattern).
 
-``Config.validate`` checks cross-field rules once at start-up and raises `ConfigError` naming the
-flag at fault, so a bad command line never fails deep inside a run.
+``Config.validate`` checks cross-field rules at start-up and raises `ConfigError` naming the flag
+at fault, so a bad command line never fails deep inside a run; it changes nothing.
+``Config.resolve(data_parallel_size)`` returns a copy with the derived values filled in (the global
+batch, the iterations of --train-tokens, the decay length), once the process group knows the
+data-parallel size.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -183,7 +187,9 @@ class ModelConfig:
         type=moe_layer_freq_type)
     first_k_dense_replace: int = opt(0, "Keep the dense MLP in the first this many layers (DeepSeek-MoE).")
 
-    # Not flags: derived at start-up.
+    # Not flags: derived at start-up from the tokenizer (or --vocab-size): its vocabulary, and that
+    # vocabulary padded for the embedding and output layer (0: not known yet).
+    vocab_size: int = field(default=0, metadata={"derived": True})
     padded_vocab_size: int = field(default=0, metadata={"derived": True})
 
     @property
@@ -214,9 +220,16 @@ class ModelConfig:
         """Does layer `layer_number` (0-based) hold a mixture of experts instead of the dense MLP?"""
         if not self.num_experts or layer_number < self.first_k_dense_replace:
             return False
-        if isinstance(self.moe_layer_freq, list):
-            return self.moe_layer_freq[layer_number] == 1
-        return layer_number % self.moe_layer_freq == 0
+        freq = self.moe_layer_pattern
+        if isinstance(freq, list):
+            return freq[layer_number] == 1
+        return layer_number % freq == 0
+
+    @property
+    def moe_layer_pattern(self) -> Union[int, List[int]]:
+        """--moe-layer-freq as an int or a list, also when it was set in Python as text."""
+        freq = self.moe_layer_freq
+        return moe_layer_freq_type(freq) if isinstance(freq, str) else freq
 
 
 @dataclass
@@ -299,17 +312,24 @@ class TrainConfig:
     bf16: bool = opt(False, "bfloat16 mixed precision (autocast; fp32 master weights).")
     fp16: bool = opt(False, "float16 mixed precision with dynamic loss scaling.")
     save: Optional[str] = opt(None, "Directory to write checkpoints to.")
-    load: Optional[str] = opt(None, "Directory to resume from (its latest checkpoint).")
+    load: Optional[str] = opt(
+        None, "Checkpoint to start from: a --save directory (its latest checkpoint) or one iter_XXXXXXX "
+              "directory. A directory without a checkpoint is an error, unless it is also --save (resuming "
+              "a run that may not have saved yet).")
     save_interval: Optional[int] = opt(None, "Save a checkpoint every this many iterations.")
     load_fallback: bool = opt(
         False, "If the latest checkpoint is unreadable, resume from the newest readable one "
                "instead of stopping.")
+    verify_checkpoint: bool = opt(
+        True, "Do not compare the checkpoint files read at --load with the checksums recorded when they were "
+              "saved (the check reads every file once more).", flag="--no-verify-checkpoint")
     no_load_optim: bool = opt(False, "Load model weights only, not the optimizer state.")
     no_load_rng: bool = opt(False, "Do not restore the random number generator states.")
     finetune: bool = opt(False, "Load weights only and start from iteration 0 "
                                 "(no optimizer, scheduler or data position).")
     eval_interval: int = opt(1000, "Evaluate on the validation set every this many iterations.")
-    eval_iters: int = opt(100, "Validation micro-batches per evaluation (0 disables).")
+    eval_iters: int = opt(100, "Validation iterations per evaluation, each over one global batch "
+                               "(--global-batch-size samples, whatever the parallel layout; 0 disables).")
     log_interval: int = opt(100, "Print a log line every this many iterations.")
     tensorboard_dir: Optional[str] = opt(None, "Write TensorBoard scalars here.")
     exit_interval: Optional[int] = opt(None, "Save (if --save) and exit at this iteration.")
@@ -368,7 +388,10 @@ class Config:
         return cls(**sections)
 
     def validate(self, data_parallel_size: int = 1) -> "Config":
-        """Check cross-field rules; fill in derived defaults. Raises ConfigError naming the flag."""
+        """Check every rule, changing nothing; raises ConfigError naming the flag. Returns self.
+
+        The rules that depend on the data-parallel size (the global batch) are checked for
+        `data_parallel_size`; `resolve` checks them again once the process group knows it."""
         m, t, o, d = self.model, self.train, self.optim, self.data
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
                      "make_vocab_size_divisible_by"):
@@ -393,42 +416,26 @@ class Config:
             if not 0.0 <= getattr(m, name) < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(m, name)}")
 
-        self._validate_parallel()
-        self._validate_moe()
-
+        self.validate_layout()
+        self._validate_batch(data_parallel_size)
         if t.bf16 and t.fp16:
             raise ConfigError("--bf16 and --fp16 are mutually exclusive: choose one")
-        if t.micro_batch_size <= 0:
-            raise ConfigError(f"--micro-batch-size must be positive, got {t.micro_batch_size}")
-        if t.global_batch_size is None:
-            t.global_batch_size = t.micro_batch_size * data_parallel_size
-        if t.global_batch_size % (t.micro_batch_size * data_parallel_size):
-            raise ConfigError(
-                f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
-                f"({t.micro_batch_size}) x data-parallel size ({data_parallel_size})")
-        num_microbatches = t.global_batch_size // (t.micro_batch_size * data_parallel_size)
-        if self.parallel.num_layers_per_virtual_pipeline_stage and \
-                num_microbatches % self.parallel.pipeline_model_parallel_size:
-            raise ConfigError(
-                f"the interleaved schedule (--num-layers-per-virtual-pipeline-stage) needs the number "
-                f"of micro-batches per step ({num_microbatches} = --global-batch-size / (--micro-batch-size"
-                f" x data-parallel size {data_parallel_size})) to be a multiple of "
-                f"--pipeline-model-parallel-size ({self.parallel.pipeline_model_parallel_size})")
         if t.train_iters is None and t.train_tokens is None:
             raise ConfigError("give the length of training with --train-iters or --train-tokens")
         if t.train_iters is not None and t.train_tokens is not None:
             raise ConfigError("--train-iters and --train-tokens are mutually exclusive: choose one")
-        if t.train_tokens is not None:
-            tokens_per_iter = t.global_batch_size * m.seq_length
-            t.train_iters = math.ceil(t.train_tokens / tokens_per_iter)
-        if t.train_iters <= 0:
+        if t.train_iters is not None and t.train_iters <= 0:
             raise ConfigError(f"--train-iters must be positive, got {t.train_iters}")
+        if t.train_tokens is not None and t.train_tokens <= 0:
+            raise ConfigError(f"--train-tokens must be positive, got {t.train_tokens}")
         if t.save_interval is not None and t.save_interval <= 0:
             raise ConfigError(f"--save-interval must be positive, got {t.save_interval}")
         if t.save_interval is not None and t.save is None:
             raise ConfigError("--save-interval needs --save DIR to know where to write checkpoints")
         if t.log_interval <= 0 or t.eval_interval <= 0:
             raise ConfigError("--log-interval and --eval-interval must be positive")
+        if t.eval_iters < 0:
+            raise ConfigError(f"--eval-iters must not be negative, got {t.eval_iters}")
 
         if o.lr < 0 or o.min_lr < 0:
             raise ConfigError("--lr and --min-lr must not be negative")
@@ -436,14 +443,14 @@ class Config:
             raise ConfigError(f"--min-lr ({o.min_lr}) is larger than --lr ({o.lr})")
         if o.lr_warmup_iters < 0:
             raise ConfigError(f"--lr-warmup-iters must not be negative, got {o.lr_warmup_iters}")
-        if o.lr_decay_iters is None:
-            o.lr_decay_iters = t.train_iters
-        if o.lr_warmup_iters > o.lr_decay_iters:
+        decay_iters = o.lr_decay_iters if o.lr_decay_iters is not None else self._train_iters(data_parallel_size)
+        if o.lr_warmup_iters > decay_iters:
             raise ConfigError(
                 f"--lr-warmup-iters ({o.lr_warmup_iters}) is longer than --lr-decay-iters "
-                f"({o.lr_decay_iters})")
+                f"({decay_iters})")
         if o.clip_grad < 0:
             raise ConfigError(f"--clip-grad must not be negative, got {o.clip_grad}")
+        self._validate_loss_scale()
 
         if not d.mock_data and not d.data_path:
             raise ConfigError("no training data: give --data-path PREFIX (from tools/preprocess_data.py) "
@@ -458,8 +465,75 @@ class Config:
                               "tools/preprocess_data.py")
         if d.tokenizer_type == "NullTokenizer" and not d.vocab_size:
             raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size N")
+        if d.num_workers < 0:
+            raise ConfigError(f"--num-workers must not be negative, got {d.num_workers}")
         return self
 
+    def resolve(self, data_parallel_size: int = 1) -> "Config":
+        """A validated copy with every derived field filled in for `data_parallel_size` (the global
+        batch, the iterations of --train-tokens, the decay length, a --moe-layer-freq pattern given
+        as text). The config itself is left as given, so it can be resolved again for another size."""
+        self.validate(data_parallel_size)
+        resolved = copy.deepcopy(self)
+        t, o, m = resolved.train, resolved.optim, resolved.model
+        t.global_batch_size = self._global_batch_size(data_parallel_size)
+        t.train_iters = self._train_iters(data_parallel_size)
+        t.train_tokens = None
+        if o.lr_decay_iters is None:
+            o.lr_decay_iters = t.train_iters
+        m.moe_layer_freq = m.moe_layer_pattern
+        return resolved
+
+    def _global_batch_size(self, data_parallel_size: int) -> int:
+        t = self.train
+        return t.micro_batch_size * data_parallel_size if t.global_batch_size is None else t.global_batch_size
+
+    def _train_iters(self, data_parallel_size: int) -> int:
+        t = self.train
+        if t.train_iters is not None:
+            return t.train_iters
+        return math.ceil(t.train_tokens / (self._global_batch_size(data_parallel_size) * self.model.seq_length))
+
+    def _validate_batch(self, data_parallel_size: int) -> None:
+        t = self.train
+        if t.micro_batch_size <= 0:
+            raise ConfigError(f"--micro-batch-size must be positive, got {t.micro_batch_size}")
+        global_batch = self._global_batch_size(data_parallel_size)
+        if global_batch <= 0 or global_batch % (t.micro_batch_size * data_parallel_size):
+            raise ConfigError(
+                f"--global-batch-size ({global_batch}) must be divisible by --micro-batch-size "
+                f"({t.micro_batch_size}) x data-parallel size ({data_parallel_size})")
+        num_microbatches = global_batch // (t.micro_batch_size * data_parallel_size)
+        pp = self.parallel.pipeline_model_parallel_size
+        if self.parallel.num_layers_per_virtual_pipeline_stage and num_microbatches % pp:
+            raise ConfigError(
+                f"the interleaved schedule (--num-layers-per-virtual-pipeline-stage) needs the number "
+                f"of micro-batches per step ({num_microbatches} = --global-batch-size / (--micro-batch-size"
+                f" x data-parallel size {data_parallel_size})) to be a multiple of "
+                f"--pipeline-model-parallel-size ({pp})")
+
+    def _validate_loss_scale(self) -> None:
+        """fp16 loss scaling: a scale of 0 divides by zero when gradients are unscaled, and a scale
+        below 1 shrinks gradients that fp16 already struggles to represent (1e-30 makes them all 0)."""
+        o = self.optim
+        if o.loss_scale is not None and not (math.isfinite(o.loss_scale) and o.loss_scale >= 1):
+            raise ConfigError(f"--loss-scale must be a finite number of at least 1, got {o.loss_scale} "
+                              f"(or leave it out for dynamic loss scaling)")
+        if not (math.isfinite(o.min_loss_scale) and o.min_loss_scale > 0):
+            raise ConfigError(f"--min-loss-scale must be positive, got {o.min_loss_scale}")
+        if not (math.isfinite(o.initial_loss_scale) and o.initial_loss_scale >= max(o.min_loss_scale, 1.0)):
+            raise ConfigError(f"--initial-loss-scale must be a finite number of at least 1 and of --min-loss-scale "
+                              f"({o.min_loss_scale}), got {o.initial_loss_scale}")
+        if o.loss_scale_window <= 0:
+            raise ConfigError(f"--loss-scale-window must be positive, got {o.loss_scale_window}")
+        if o.hysteresis <= 0:
+            raise ConfigError(f"--hysteresis must be positive, got {o.hysteresis}")
+
+    def validate_layout(self) -> None:
+        """The model-parallel sizes (tensor, pipeline, virtual, expert) against the model's shape.
+        The world size is checked at start-up, when it is known."""
+        self._validate_parallel()
+        self._validate_moe()
 
     def _validate_parallel(self) -> None:
         """Model-parallel sizes against the model's shape (the world size is checked at start-up)."""
@@ -535,14 +609,13 @@ class Config:
         if m.moe_pad_expert_input_to_capacity and m.moe_expert_capacity_factor is None:
             raise ConfigError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor: dropless "
                               "routing (no factor) has no capacity to pad to")
-        if isinstance(m.moe_layer_freq, str):  # set in Python rather than parsed from the command line
-            m.moe_layer_freq = moe_layer_freq_type(m.moe_layer_freq)
-        if isinstance(m.moe_layer_freq, list):
-            if len(m.moe_layer_freq) != m.num_layers:
-                raise ConfigError(f"--moe-layer-freq gives a pattern of {len(m.moe_layer_freq)} layers; the model "
+        freq = m.moe_layer_pattern
+        if isinstance(freq, list):
+            if len(freq) != m.num_layers:
+                raise ConfigError(f"--moe-layer-freq gives a pattern of {len(freq)} layers; the model "
                                   f"has {m.num_layers} (--num-layers): give one 0 or 1 per layer")
-        elif m.moe_layer_freq <= 0:
-            raise ConfigError(f"--moe-layer-freq must be positive, got {m.moe_layer_freq}")
+        elif freq <= 0:
+            raise ConfigError(f"--moe-layer-freq must be positive, got {freq}")
         if m.first_k_dense_replace < 0:
             raise ConfigError(f"--first-k-dense-replace must not be negative, got {m.first_k_dense_replace}")
         if not any(m.is_moe_layer(i) for i in range(m.num_layers)):

@@ -1,7 +1,6 @@
 """Small configurations and runs shared by the tests."""
 
 from megalm.arguments import parse_args
-from megalm.config import pad_vocab_size
 
 TINY = ["--mock-data", "--vocab-size", "256", "--num-layers", "2", "--hidden-size", "32",
         "--num-attention-heads", "4", "--seq-length", "32", "--attention-dropout", "0",
@@ -10,10 +9,10 @@ TINY = ["--mock-data", "--vocab-size", "256", "--num-layers", "2", "--hidden-siz
 
 def tiny_config(*flags):
     """A validated Config for a tiny mock-data model; later flags override TINY's."""
+    import pretrain_gpt
     config, _ = parse_args(TINY + list(flags))
     config.validate()
-    config.model.padded_vocab_size = pad_vocab_size(config.data.vocab_size,
-                                                    config.model.make_vocab_size_divisible_by)
+    pretrain_gpt.set_vocabulary(config)
     return config
 
 

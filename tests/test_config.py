@@ -1,5 +1,6 @@
 """Start-up validation: every bad flag combination stops with a message naming the flag."""
 
+import re
 import subprocess
 import sys
 
@@ -66,18 +67,50 @@ def test_bad_choice_is_named():
 
 
 def test_train_tokens_sets_iterations():
-    config = check(["--mock-data", "--vocab-size", "128", "--train-tokens", "10000",
-                    "--seq-length", "100", "--micro-batch-size", "2", "--global-batch-size", "8"])
-    assert config.train.train_iters == 13  # ceil(10000 / (8 x 100))
+    config, _ = parse_args(["--mock-data", "--vocab-size", "128", "--train-tokens", "10000",
+                            "--seq-length", "100", "--micro-batch-size", "2", "--global-batch-size", "8"])
+    assert config.resolve().train.train_iters == 13  # ceil(10000 / (8 x 100))
+    # Without --global-batch-size the batch, and so the iterations, follow the data-parallel size.
+    config.train.global_batch_size = None
+    assert config.resolve(data_parallel_size=2).train.train_iters == 25  # ceil(10000 / (2 x 2 x 100))
 
 
 def test_defaults_and_derived_values():
-    config = check(BASE + ["--hidden-size", "256", "--num-attention-heads", "8", "--swiglu"])
+    config = check(BASE + ["--hidden-size", "256", "--num-attention-heads", "8", "--swiglu"]).resolve()
     m = config.model
     assert m.head_dim == 32 and m.query_groups == 8
     assert m.ffn_size == int(4 * 256 * 2 / 3 / 64) * 64
     assert config.train.global_batch_size == config.train.micro_batch_size
     assert config.optim.lr_decay_iters == 10
+
+
+def test_validate_checks_and_resolve_fills_in_without_changing_the_config():
+    """validate() changes nothing; resolve(dp) returns a filled-in copy, so one config can be
+    resolved for one process and again for eight."""
+    config, _ = parse_args(BASE + ["--micro-batch-size", "2"])
+    before = config.to_dict()
+    assert config.validate(data_parallel_size=8).to_dict() == before
+    one, eight = config.resolve(1), config.resolve(8)
+    assert config.to_dict() == before
+    assert (one.train.global_batch_size, eight.train.global_batch_size) == (2, 16)
+    assert one.optim.lr_decay_iters == eight.optim.lr_decay_iters == 10
+    assert config.train.global_batch_size is None and config.optim.lr_decay_iters is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fp16", "--loss-scale", "0"], "--loss-scale must be a finite number of at least 1, got 0.0"),
+    (["--fp16", "--loss-scale", "1e-30"], "--loss-scale must be a finite number of at least 1, got 1e-30"),
+    (["--fp16", "--initial-loss-scale", "0"], "--initial-loss-scale must be a finite number of at least 1"),
+    (["--fp16", "--initial-loss-scale", "inf"], "--initial-loss-scale must be a finite number of at least 1"),
+    (["--fp16", "--min-loss-scale", "0"], "--min-loss-scale must be positive, got 0.0"),
+    (["--fp16", "--loss-scale-window", "0"], "--loss-scale-window must be positive"),
+    (["--fp16", "--hysteresis", "0"], "--hysteresis must be positive"),
+])
+def test_bad_loss_scale_is_refused_at_start_up(flags, message):
+    """A loss scale of 0 divided by zero when the gradients were unscaled, and 1e-30 trained with
+    every fp16 gradient flushed to zero; both stop at start-up now."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check(BASE + flags)
 
 
 def test_negative_flags_and_round_trip():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megalm.convert import ConversionError, hf_to_megalm, megalm_to_hf
-from megalm.convert.megalm_checkpoint import checkpoint_config, open_checkpoint
+from megalm.checkpoint import checkpoint_config, open_checkpoint
 from megalm.model import GPTModel
 
 transformers = pytest.importorskip("transformers", reason="conversion tests compare with transformers")
@@ -207,8 +207,6 @@ def test_tokenizer_files_travel_both_ways(tmp_path):
 
 def test_checkpoint_tokenizer_is_found_after_the_original_moves(tmp_path):
     from megalm.config import Config, DataConfig, ModelConfig
-    from megalm.convert.megalm_checkpoint import build_tokenizer
-    from megalm.training.checkpoint import save_checkpoint
     tok_dir = str(tmp_path / "tok")
     write_tokenizer(tok_dir, vocab_size=300)
     config = Config(model=ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32,
@@ -220,6 +218,8 @@ def test_checkpoint_tokenizer_is_found_after_the_original_moves(tmp_path):
     assert isinstance(loaded, Config) and build_tokenizer(loaded).vocab_size == 300
     megalm_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), **quiet())  # a megalm-trained model exports
     assert json.load(open(tmp_path / "out" / "config.json"))["vocab_size"] == 300
+    from megalm.checkpoint import checkpoint_tokenizer as build_tokenizer
+    from megalm.checkpoint import save_checkpoint
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out")).eos_token == "<|endoftext|>"
 
 

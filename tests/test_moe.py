@@ -7,12 +7,13 @@ import re
 import pytest
 import torch
 
+from megalm import checkpoint as ckpt
 from megalm.arguments import parse_args
 from megalm.config import Config, ConfigError, ModelConfig
 from megalm.model import GPTModel
 from megalm.model.mlp import MLP
-from megalm.model.moe import MoELayer, load_balancing_loss, moe_log, moe_statistics, z_loss
-from megalm.training import checkpoint as ckpt
+from megalm.model.moe import MoELayer, load_balancing_loss, z_loss
+from megalm.training.metrics import moe_log, moe_statistics
 
 
 def moe_config(**overrides):

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megalm.convert.megalm_checkpoint import open_checkpoint  # noqa: E402
+from megalm import checkpoint as ckpt  # noqa: E402
+from megalm.checkpoint import open_checkpoint  # noqa: E402
+from megalm.checkpoint.files import write_text_atomic  # noqa: E402
 from megalm.convert.reshard import reshard, saved_layout  # noqa: E402
-from megalm.training import checkpoint as ckpt  # noqa: E402
 from tests.test_distributed import FLAGS, launch, losses  # noqa: E402
 from tests.test_parallel_equivalence import launch as launch_recorded  # noqa: E402
 from tests.test_parallel_equivalence import train  # noqa: E402
@@ -88,7 +89,7 @@ def test_ep2_dp4_checkpoint_is_written_once_per_expert_shard_and_resumes_with_dr
     save = str(tmp_path / "ep2_dp4")
     flags = [*EP2, "--micro-batch-size", "1", "--attention-dropout", "0.1", "--hidden-dropout", "0.1"]
     full = launch(4, *flags, "--save", save, "--save-interval", "3")
-    ckpt._atomic_write_text(os.path.join(save, ckpt.TRACKER), "3")  # resume from the middle of the run
+    write_text_atomic(os.path.join(save, ckpt.TRACKER), "3")  # resume from the middle of the run
     resumed = launch(4, *flags, "--load", save)
     assert "resumed from" in resumed and len(losses(full)) == 6
     assert losses(resumed) == losses(full)[3:]

@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
+from megalm.checkpoint import open_checkpoint, save_weights
 from megalm.config import Config, ModelConfig
 from megalm.convert import hf_to_megalm, megalm_to_hf
-from megalm.convert.megalm_checkpoint import open_checkpoint, save_weights
 from megalm.model import GPTModel
 from tests.test_convert import VOCAB, load_megalm, quiet, save_hf
 

@@ -29,9 +29,9 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megalm.convert.megalm_checkpoint import open_checkpoint  # noqa: E402
+from megalm import checkpoint as ckpt  # noqa: E402
+from megalm.checkpoint import open_checkpoint  # noqa: E402
 from megalm.convert.reshard import reshard, saved_layout  # noqa: E402
-from megalm.training import checkpoint as ckpt  # noqa: E402
 from tests.test_distributed import launch as launch_script  # noqa: E402
 from tests.test_distributed import losses  # noqa: E402
 from tests.test_moe_checkpoint import EP2  # noqa: E402

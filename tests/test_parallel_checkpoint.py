@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megalm import checkpoint as ckpt
 from megalm.convert.reshard import reshard
-from megalm.training import checkpoint as ckpt
 from tests.test_parallel_equivalence import BASE, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -103,7 +103,7 @@ def trained_moe(tmp_path_factory):
 def _train(root, **moe):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from megalm.training.checkpoint import save_checkpoint
+    from megalm.checkpoint import save_checkpoint
     text = open(argparse.__file__, encoding="utf-8").read()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 
+from megalm import checkpoint as ckpt
 from megalm.config import OptimConfig
-from megalm.training import checkpoint as ckpt
+from megalm.data import DataError
 from megalm.training.precision import DynamicLossScaler
 from megalm.training.schedule import LRScheduler
 from megalm.training.trainer import Trainer, TrainingError, build_data_iterator
@@ -226,5 +227,24 @@ def test_token_id_beyond_the_vocabulary_stops_with_the_fix(tmp_path):
     config = tiny_config("--train-iters", "4", "--micro-batch-size", "2")
     config.data.mock_data, config.data.data_path = False, [prefix]
     config.data.tokenizer_type, config.data.split = "NullTokenizer", "100,0,0"
-    with pytest.raises(TrainingError, match=r"holds token id 300, but the model's vocabulary has 256 entries"):
+    with pytest.raises(DataError, match=r"holds token id 300, but the tokenizer's vocabulary has 256 entries"):
+        run(config)
+
+
+def test_token_id_in_the_vocabulary_padding_is_refused(tmp_path):
+    """An id between the tokenizer's vocabulary (250) and the padded one (256) has an embedding row
+    but no token: it is refused like any other id the tokenizer cannot produce."""
+    import numpy as np
+
+    from megalm.data.indexed_dataset import IndexedDatasetBuilder
+    prefix = str(tmp_path / "padding")
+    with IndexedDatasetBuilder(prefix, np.int32) as builder:
+        for i in range(40):
+            builder.add_document(np.full(60, 252 if i == 3 else 7))
+        builder.finalize()
+    config = tiny_config("--train-iters", "4", "--micro-batch-size", "2", "--vocab-size", "250")
+    assert (config.model.vocab_size, config.model.padded_vocab_size) == (250, 256)
+    config.data.mock_data, config.data.data_path = False, [prefix]
+    config.data.tokenizer_type, config.data.split = "NullTokenizer", "100,0,0"
+    with pytest.raises(DataError, match=r"holds token id 252, but the tokenizer's vocabulary has 250 entries"):
         run(config)

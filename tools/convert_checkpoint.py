@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megalm.checkpoint import CheckpointError  # noqa: E402
 from megalm.convert import ARCHITECTURES, ConversionError, hf_to_megalm, megalm_to_hf  # noqa: E402
 from megalm.convert.reshard import reshard  # noqa: E402
 from megalm.data.errors import DataError  # noqa: E402
-from megalm.training.checkpoint import CheckpointError  # noqa: E402
 
 FORMATS = ("hf", "megalm")
 

@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from megalm.checkpoint import CheckpointError  # noqa: E402
 from megalm.convert import ConversionError  # noqa: E402
 from megalm.data.errors import DataError  # noqa: E402
 from megalm.inference import evaluate, quantize  # noqa: E402
 from megalm.inference.loading import load_model, save_quantized  # noqa: E402
-from megalm.training.checkpoint import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megalm.checkpoint import CheckpointError  # noqa: E402
 from megalm.convert import ConversionError  # noqa: E402
 from megalm.data.errors import DataError  # noqa: E402
 from megalm.inference.generate import SamplingParams, TextStreamer, generate  # noqa: E402
 from megalm.inference.loading import load_model  # noqa: E402
-from megalm.training.checkpoint import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None):

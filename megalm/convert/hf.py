@@ -22,12 +22,12 @@ from typing import Optional
 
 import torch
 
+from megalm.checkpoint import checkpoint_config, checkpoint_tokenizer, meta_model, open_checkpoint, save_weights
 from megalm.config import Config, ModelConfig, pad_vocab_size
 from megalm.convert import hf_files
 from megalm.convert.frame import Architecture, Context, ConversionError, check_tensors, hf_to_megalm_tensors, megalm_to_hf_tensors
 from megalm.convert.gpt2 import GPT2
 from megalm.convert.llama import Llama, Mistral, Qwen2
-from megalm.convert.megalm_checkpoint import build_tokenizer, checkpoint_config, meta_model, open_checkpoint, save_weights
 
 ARCHITECTURES = {arch.model_type: arch for arch in (Llama(), Mistral(), Qwen2(), GPT2())}
 # config.json keys kept across a round trip that do not change the weights.
@@ -106,6 +106,7 @@ def hf_to_megalm(src: str, dst: str, force: bool = False, tensor_parallel: int =
     arch = architecture_for_hf(hf)
     model_config = ModelConfig(**arch.model_config(hf))
     vocab_size = hf["vocab_size"]
+    model_config.vocab_size = vocab_size
     model_config.padded_vocab_size = pad_vocab_size(vocab_size, model_config.make_vocab_size_divisible_by)
     ctx = Context(model_config, vocab_size)
 
@@ -118,7 +119,7 @@ def hf_to_megalm(src: str, dst: str, force: bool = False, tensor_parallel: int =
         tokenizer_type = _stage_tokenizer(src, staging)
         if tokenizer_type is not None:
             config.data.tokenizer_type, config.data.tokenizer_model = tokenizer_type, staging
-            _check_tokenizer_size(build_tokenizer(config), vocab_size, f"vocab_size in {src}/config.json")
+            _check_tokenizer_size(checkpoint_tokenizer(config), vocab_size, f"vocab_size in {src}/config.json")
         else:
             log(f"warning: no tokenizer files in {src}; the checkpoint will have no tokenizer")
         hf_state = arch.unfuse_hf({arch.normalize_hf_name(n): t for n, t in hf_files.load_tensors(src).items()})
@@ -169,7 +170,7 @@ def megalm_to_hf(src: str, dst: str, force: bool = False, architecture: Optional
     tokenizer = None
     if config.data.tokenizer_type not in (None, "NullTokenizer"):
         try:
-            tokenizer = build_tokenizer(config)
+            tokenizer = checkpoint_tokenizer(config)
         except Exception as e:  # the data pipeline raises DataError; a broken file anything
             log(f"warning: the checkpoint's tokenizer cannot be loaded ({e}); exporting the weights without it")
     _check_tokenizer_size(tokenizer, model_config.padded_vocab_size, f"padded vocabulary of {found['path']}")

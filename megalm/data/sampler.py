@@ -18,7 +18,7 @@ class PretrainingSampler:
                  data_parallel_rank: int = 0, data_parallel_size: int = 1, drop_last: bool = True):
         if total_samples <= 0:
             raise ValueError(f"no samples to draw from (total_samples={total_samples})")
-        if consumed_samples >= total_samples:
+        if consumed_samples > total_samples:
             raise ValueError(f"consumed_samples {consumed_samples} is past the {total_samples} samples "
                              f"of the dataset")
         if not 0 <= data_parallel_rank < data_parallel_size or micro_batch_size <= 0:

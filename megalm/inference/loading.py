@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from megalm.checkpoint import checkpoint_config, checkpoint_tokenizer, open_checkpoint
+from megalm.checkpoint.files import save_safetensors
 from megalm.config import Config
-from megalm.convert.megalm_checkpoint import build_tokenizer, checkpoint_config, open_checkpoint
 from megalm.inference import quantize
 from megalm.model import GPTModel
 
@@ -64,7 +65,7 @@ def load_model(path: str, device=None, dtype: Optional[str] = None) -> LoadedMod
         config = checkpoint_config(found)
         model = GPTModel(config.model)
         model.load_state_dict(found["model"])
-        tokenizer = build_tokenizer(config)
+        tokenizer = checkpoint_tokenizer(config)
         vocab = true_vocab_size(config, tokenizer, found["metadata"].get("hf", {}).get("vocab_size"))
         loaded = LoadedModel(model, config, tokenizer, vocab, found["path"])
     loaded.model.to(device=device, dtype=torch_dtype).eval()
@@ -98,4 +99,4 @@ def load_quantized(path: str) -> LoadedModel:
     settings = meta["quantization"]
     model = quantize.prepare_quantized(GPTModel(config.model), settings["method"], settings["group_size"])
     model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
-    return LoadedModel(model, config, build_tokenizer(config), meta["vocab_size"], path)
+    return LoadedModel(model, config, checkpoint_tokenizer(config), meta["vocab_size"], path)

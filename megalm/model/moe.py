@@ -32,8 +32,8 @@ Training losses, per MoE layer, computed on this rank's tokens of the micro-batc
 per token. The model adds them to the language-model loss (`GPTModel.forward`), so they are
 averaged over micro-batches and data-parallel ranks exactly as the loss is; a pipeline stage before
 the last attaches them to its output activations instead (`AuxLossAutoScaler`). Each layer also keeps
-statistics for the logs (`moe_statistics`): tokens per expert, aux and z losses, dropped
-assignments, summed since the last read.
+statistics for the logs (`megalm.training.metrics.moe_statistics`): tokens per expert, aux and z
+losses, dropped assignments, summed since the last read.
 """
 
 from __future__ import annotations
@@ -288,75 +288,3 @@ def moe_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
     """The sum of the aux and z losses of `model`'s MoE layers in the last forward (None if none)."""
     losses = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
     return torch.stack(losses).sum() if losses else None
-
-
-def _add_layer(per_layer: dict, number: int, entry: tuple) -> None:
-    """Sum `entry` (counts, aux, z, dropped, calls, capped) into layer `number`'s."""
-    if number in per_layer:
-        counts, *scalars, capped = per_layer[number]
-        entry = ([a + b for a, b in zip(counts, entry[0])], *(a + b for a, b in zip(scalars, entry[1:5])),
-                 capped or entry[5])
-    per_layer[number] = entry
-
-
-def moe_statistics(models, group=None, pipeline_group=None) -> Optional[dict]:
-    """Per-layer expert load and losses since the last call (then reset), summed over `group` (the
-    data-parallel ranks) and collected from every stage of `pipeline_group` (collective on both:
-    every rank calls it, with or without MoE layers of its own).
-
-    Returns None without MoE layers anywhere, else {"aux_loss", "z_loss" (means over layers and
-    forward passes), "dropped" (assignments dropped; None when dropless), "load_cv" {layer:
-    coefficient of variation of the tokens per expert}, "tokens_per_expert" {layer: list}}.
-    """
-    layers = [m for model in models for m in moe_layers(model)]
-    per_layer = {}
-    if layers:
-        packed = torch.cat([torch.cat([m.stats["tokens_per_expert"],
-                                       torch.stack([m.stats["aux_loss"], m.stats["z_loss"], m.stats["dropped"],
-                                                    torch.tensor(float(m.stats["calls"]), dtype=torch.float64,
-                                                                 device=m.stats["aux_loss"].device)])])
-                            for m in layers])
-        if group is not None:
-            torch.distributed.all_reduce(packed, group=group)
-        packed = packed.cpu()
-        offset = 0
-        for m in layers:
-            counts = packed[offset: offset + m.num_experts]
-            a, zz, d, c = packed[offset + m.num_experts: offset + m.num_experts + 4].tolist()
-            offset += m.num_experts + 4
-            _add_layer(per_layer, m.layer_number, (counts.tolist(), a, zz, d, c, m.capacity_factor is not None))
-            m.reset_statistics()
-    if pipeline_group is not None:  # the other stages' layers
-        gathered = [None] * torch.distributed.get_world_size(pipeline_group)
-        torch.distributed.all_gather_object(gathered, per_layer, group=pipeline_group)
-        per_layer = {}
-        for stage in gathered:
-            for number, entry in stage.items():
-                _add_layer(per_layer, number, entry)
-    if not per_layer or not any(c for *_, c, _ in per_layer.values()):
-        return None
-    out = {"load_cv": {}, "tokens_per_expert": {}}
-    aux = z = dropped = calls = 0.0
-    for number in sorted(per_layer):
-        counts, a, zz, d, c, _ = per_layer[number]
-        aux, z, dropped, calls = aux + a, z + zz, dropped + d, calls + c
-        counts_t = torch.tensor(counts, dtype=torch.float64)
-        mean = counts_t.mean()
-        out["load_cv"][number] = float(counts_t.std(unbiased=False) / mean) if mean > 0 else 0.0
-        out["tokens_per_expert"][number] = counts
-    out["aux_loss"], out["z_loss"] = aux / max(calls, 1), z / max(calls, 1)
-    out["dropped"] = dropped if any(capped for *_, capped in per_layer.values()) else None
-    return out
-
-
-def moe_log(stats: dict) -> tuple:
-    """(a compact part for the console line, TensorBoard scalars) from `moe_statistics`."""
-    cvs = stats["load_cv"]
-    mean_cv = sum(cvs.values()) / len(cvs)
-    line = f"moe aux {stats['aux_loss']:.4f} z {stats['z_loss']:.3f} load cv {mean_cv:.3f}"
-    scalars = {"moe/aux_loss": stats["aux_loss"], "moe/z_loss": stats["z_loss"]}
-    scalars.update({f"moe/load_cv_layer{i}": cv for i, cv in cvs.items()})
-    if stats["dropped"] is not None:  # capacity on
-        line += f" dropped {int(stats['dropped'])}"
-        scalars["moe/dropped_tokens"] = stats["dropped"]
-    return line, scalars

@@ -23,17 +23,19 @@ can split it like the weights. Checkpoints of earlier versions, keyed by positio
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from megalm.config import OptimConfig
 from megalm.parallel.clip_grads import counts_for_norm
 from megalm.parallel.data_parallel import DistributedDataParallel
 from megalm.parallel.state import ParallelState
-from megalm.training.optimizer import Lion, build_optimizer
+
+# Builds the inner optimizer from (tensor to update, model parameter it belongs to) pairs; the
+# training loop passes `megalm.training.optimizer.build_optimizer` with its settings.
+OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 
 
 def param_names(modules: List[nn.Module]) -> Dict[nn.Parameter, str]:
@@ -85,9 +87,9 @@ def load_state_dict_by_name(optimizer: torch.optim.Optimizer, saved: dict, names
 class LocalOptimizer:
     """AdamW / Lion over every parameter this rank holds."""
 
-    def __init__(self, chunks: List[nn.Module], config: OptimConfig, state: ParallelState):
+    def __init__(self, chunks: List[nn.Module], make_optimizer: OptimizerFactory, state: ParallelState):
         self.state = state
-        self.optimizer = build_optimizer(nn.ModuleList(chunks), config, state.device)
+        self.optimizer = make_optimizer([(p, p) for chunk in chunks for p in chunk.parameters() if p.requires_grad])
         self.names = param_names(chunks)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.norm_group = state.model_parallel_group if state.model_parallel else None
@@ -117,25 +119,17 @@ class LocalOptimizer:
 class DistributedOptimizer:
     """ZeRO-1: this data-parallel rank's shard of every bucket, updated by an inner AdamW / Lion."""
 
-    def __init__(self, ddps: List[DistributedDataParallel], config: OptimConfig, state: ParallelState):
+    def __init__(self, ddps: List[DistributedDataParallel], make_optimizer: OptimizerFactory, state: ParallelState):
         self.state, self.ddps = state, ddps
         self.names = param_names([d.module for d in ddps])
         self.pieces = []  # (piece parameter, full parameter, start, end, bucket)
-        decay, no_decay = [], []
         for ddp in ddps:
             for bucket in ddp.buckets:
                 for p, start, end in bucket.shard_pieces():
                     piece = nn.Parameter(bucket.param_piece(p, start, end))
                     piece.grad = bucket.grad_piece(p, start, end)
                     self.pieces.append((piece, p, start, end, bucket))
-                    (no_decay if p.ndim < 2 else decay).append(piece)
-        groups = [dict(params=decay, weight_decay=config.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-        if config.optimizer == "lion":
-            self.optimizer = Lion(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
-        else:
-            fused = state.device.type == "cuda"
-            self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                               eps=config.adam_eps, fused=fused, foreach=None if fused else True)
+        self.optimizer = make_optimizer([(piece, p) for piece, p, *_ in self.pieces])
         self.norm_group = dist.group.WORLD if state.distributed else None
 
     @property
@@ -206,7 +200,7 @@ class DistributedOptimizer:
 
 def _legacy_to_named(saved: dict, ddps: List[DistributedDataParallel]) -> dict:
     """A position-keyed state (written by a single-process run) to names: positions follow
-    `megalm.training.optimizer.param_groups` over the model (decay group, then no-decay)."""
+    `megalm.training.optimizer.build_optimizer` over the model (decay group, then no-decay)."""
     modules = [d.module for d in ddps]
     names = param_names(modules)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
@@ -216,6 +210,9 @@ def _legacy_to_named(saved: dict, ddps: List[DistributedDataParallel]) -> dict:
                              for g in saved["param_groups"]]}
 
 
-def build_parallel_optimizer(chunks: List[nn.Module], ddps: List[DistributedDataParallel], config: OptimConfig,
-                             state: ParallelState, distributed: bool):
-    return DistributedOptimizer(ddps, config, state) if distributed else LocalOptimizer(chunks, config, state)
+def build_parallel_optimizer(chunks: List[nn.Module], ddps: List[DistributedDataParallel],
+                             make_optimizer: OptimizerFactory, state: ParallelState, distributed: bool):
+    """The ZeRO-1 optimizer over the data-parallel buckets, or an ordinary one over `chunks`."""
+    if distributed:
+        return DistributedOptimizer(ddps, make_optimizer, state)
+    return LocalOptimizer(chunks, make_optimizer, state)

@@ -28,7 +28,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from megalm.config import ConfigError, ParallelConfig
+from megalm.config import Config, ConfigError, ParallelConfig
 from megalm.parallel.random import RNGTracker
 
 
@@ -203,13 +203,10 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _settings(parallel: ParallelConfig, num_layers: Optional[int]) -> dict:
-    vp = 1
-    if parallel.num_layers_per_virtual_pipeline_stage and num_layers:
-        vp = num_layers // (parallel.num_layers_per_virtual_pipeline_stage * parallel.pipeline_model_parallel_size)
+def _settings(parallel: ParallelConfig, virtual_pipeline_model_parallel_size: int) -> dict:
     return dict(tensor_model_parallel_size=parallel.tensor_model_parallel_size,
                 pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-                virtual_pipeline_model_parallel_size=vp,
+                virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
                 sequence_parallel=parallel.sequence_parallel and parallel.tensor_model_parallel_size > 1,
                 recompute_granularity=parallel.recompute_granularity,
                 recompute_method=parallel.recompute_method,
@@ -247,16 +244,17 @@ def _new_groups(rank: int, tp: int, dp: int, pp: int) -> dict:
     return mine
 
 
-def initialize(device: str = "auto", backend: str = "auto", timeout_minutes: int = 10,
-               parallel: Optional[ParallelConfig] = None, num_layers: Optional[int] = None) -> ParallelState:
-    """Set up the device and, under a launcher, the process groups of `parallel`'s layout."""
-    parallel = parallel or ParallelConfig()
+def initialize(config: Optional[Config] = None) -> ParallelState:
+    """Set up the device and, under a launcher, the process groups of `config`'s parallel layout."""
+    config = config or Config()
+    parallel, device = config.parallel, config.train.device
+    backend, timeout_minutes = parallel.distributed_backend, parallel.distributed_timeout_minutes
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dp = data_parallel_size_for(parallel, world_size)
     dev = _pick_device(device, local_rank)
-    settings = _settings(parallel, num_layers)
+    settings = _settings(parallel, config.virtual_pipeline_model_parallel_size)
     if world_size == 1:
         return ParallelState(device=dev, **settings)
     if backend == "auto":

@@ -6,6 +6,8 @@ in Megatron-LM and nanoGPT: decaying a norm's gain towards zero only fights the 
 
 from __future__ import annotations
 
+from typing import Iterable, Tuple
+
 import torch
 from torch import nn
 
@@ -50,21 +52,25 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list:
+def decays(param: nn.Parameter) -> bool:
+    """Matrices (linear and embedding weights) are decayed; norm weights and biases are not."""
+    return param.ndim >= 2
+
+
+def build_optimizer(params: Iterable[Tuple[torch.Tensor, nn.Parameter]], config: OptimConfig,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """AdamW or Lion over `params`: (tensor to update, the model parameter it belongs to) pairs.
+
+    The tensor is the parameter itself for an ordinary optimizer, or a rank's slice of it under the
+    distributed optimizer; the model parameter decides its weight decay. Two groups, decay then
+    no decay (checkpoints written before states were keyed by name rely on that order)."""
     decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay),
-            dict(params=no_decay, weight_decay=0.0)]
-
-
-def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, config.weight_decay)
+    for tensor, param in params:
+        (decay if decays(param) else no_decay).append(tensor)
+    groups = [dict(params=decay, weight_decay=config.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     if config.optimizer == "lion":
         return Lion(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
     # fused AdamW is fastest on CUDA; foreach elsewhere.
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                              eps=config.adam_eps, fused=fused, foreach=None if fused else True)
-

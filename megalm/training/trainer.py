@@ -20,8 +20,11 @@ logged. A provider that takes only `config` still works without model parallelis
 
 from __future__ import annotations
 
+import functools
 import inspect
+import itertools
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -29,8 +32,10 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from megalm import checkpoint as ckpt
 from megalm.config import Config
-from megalm.model.moe import AuxLossAutoScaler, moe_aux_loss, moe_log, moe_statistics, update_expert_bias
+from megalm.data.loader import pretraining_batches
+from megalm.model.moe import AuxLossAutoScaler, moe_aux_loss, update_expert_bias
 from megalm.parallel import pipeline
 from megalm.parallel import state as parallel_state
 from megalm.parallel.clip_grads import clip_grad_norm
@@ -38,8 +43,8 @@ from megalm.parallel.data_parallel import DistributedDataParallel
 from megalm.parallel.distributed_optimizer import build_parallel_optimizer
 from megalm.parallel.random import model_parallel_seed
 from megalm.parallel.state import ParallelState
-from megalm.training import checkpoint as ckpt
-from megalm.training.metrics import MetricsLogger, Throughput, human, peak_flops, peak_memory_bytes
+from megalm.training.metrics import MetricsLogger, Throughput, duration, human, moe_log, moe_statistics, peak_flops, peak_memory_bytes
+from megalm.training.optimizer import build_optimizer
 from megalm.training.precision import autocast, build_loss_scaler, compute_dtype
 from megalm.training.schedule import LRScheduler
 
@@ -54,72 +59,14 @@ class TrainingError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------- data
 
-class PretrainingSampler:
-    """Yields the sample indices of this rank's micro-batches, starting at `consumed_samples`.
-
-    Each micro-step covers `micro_batch_size x dp_size` consecutive samples; rank r takes the r-th
-    block of `micro_batch_size`. The union over ranks and micro-batches of one iteration is the
-    same set of samples whatever the split, which is what makes data parallelism and gradient
-    accumulation equivalent to one big batch.
-    """
-
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int):
-        self.total, self.consumed = total_samples, consumed_samples
-        self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
-
-    def __iter__(self) -> Iterator[list]:
-        step = self.mbs * self.dp_size
-        start = self.consumed
-        while start + step <= self.total:
-            first = start + self.dp_rank * self.mbs
-            yield list(range(first, first + self.mbs))
-            start += step
-
-    def __len__(self) -> int:
-        return max(0, (self.total - self.consumed) // (self.mbs * self.dp_size))
-
-
-def _collate(samples: list) -> dict:
-    tokens = torch.stack([torch.as_tensor(s["tokens"], dtype=torch.long) for s in samples])
-    return {"tokens": tokens}
-
-
 def build_data_iterator(dataset, consumed_samples: int, config: Config, state: ParallelState,
                         total_samples: Optional[int] = None) -> Iterator[dict]:
-    total = len(dataset) if total_samples is None else min(total_samples, len(dataset))
-    sampler = PretrainingSampler(total, consumed_samples, config.train.micro_batch_size,
-                                 state.data_parallel_rank, state.data_parallel_size)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=config.data.num_workers, collate_fn=_collate,
-        pin_memory=state.device.type == "cuda",
-        # A private generator: creating a loader must not consume the global RNG, or a resumed
-        # run's dropout masks would drift from the uninterrupted run's.
-        generator=torch.Generator().manual_seed(config.train.seed))
-    if not config.model.padded_vocab_size:
-        return iter(loader)
-    return _checked_token_ids(iter(loader), config, consumed_samples)
-
-
-def _checked_token_ids(batches: Iterator[dict], config: Config, consumed_samples: int) -> Iterator[dict]:
-    """Pass the batches through, stopping at the first token id the embedding has no row for.
-
-    Such an id means the data was tokenized with another, larger vocabulary; on a GPU the embedding
-    lookup would otherwise end the run with a device-side assert that names nothing. The maximum of
-    a micro-batch is taken on the CPU, before the copy to the device: a few microseconds."""
-    limit = config.model.padded_vocab_size
-    for step, batch in enumerate(batches):
-        low, top = (int(v) for v in torch.aminmax(batch["tokens"])) if batch["tokens"].numel() else (0, -1)
-        if top >= limit or low < 0:
-            bad = top if top >= limit else low
-            raise TrainingError(
-                f"micro-batch {step} after sample {consumed_samples} holds token id {bad}, but the model's "
-                f"vocabulary has {limit} entries (the tokenizer's, padded to a multiple of "
-                f"--make-vocab-size-divisible-by x TP): the dataset was tokenized with another tokenizer. "
-                f"Train with the tokenizer the data was made with (--tokenizer-type, --tokenizer-model / "
-                f"--vocab-file, or --vocab-size for pre-tokenized ids), or rerun tools/preprocess_data.py "
-                f"with this one (megalm.data.check_tokenizer_fits scans a whole dataset for such ids)")
-        yield batch
+    """This rank's micro-batches of `dataset` from sample `consumed_samples` (megalm.data.loader)."""
+    t, m = config.train, config.model
+    return pretraining_batches(dataset, consumed_samples, t.micro_batch_size, state.data_parallel_rank,
+                               state.data_parallel_size, config.data.num_workers, t.seed,
+                               pin_memory=state.device.type == "cuda", vocab_size=m.vocab_size or m.padded_vocab_size,
+                               total_samples=total_samples)
 
 
 def split_batch(batch: dict, device: torch.device):
@@ -139,8 +86,9 @@ def gpt_forward_step(batch: dict, model: torch.nn.Module) -> torch.Tensor:
 class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
-    skipped_iterations: int = 0
+    skipped_iterations: int = 0  # over the whole run, resumes included (saved in the checkpoint)
     consecutive_skips: int = 0
+    last_saved: Optional[int] = None  # the iteration of the newest checkpoint in --save
     history: list = field(default_factory=list)  # (iteration, data-parallel mean loss) per log line
 
 
@@ -185,15 +133,22 @@ class Trainer:
     def __init__(self, config: Config, model_provider: Callable, datasets_provider: Callable,
                  forward_step: Callable = gpt_forward_step, state: Optional[ParallelState] = None,
                  log_stream=None):
-        self.config = config
-        self.state = state or parallel_state.initialize(config.train.device,
-                                                        config.parallel.distributed_backend,
-                                                        config.parallel.distributed_timeout_minutes,
-                                                        config.parallel, config.model.num_layers)
-        config.validate(self.state.data_parallel_size)
+        self.state = state or parallel_state.initialize(config)
+        self.config = config = config.resolve(self.state.data_parallel_size)
         t, st = config.train, self.state
         kwargs = {} if log_stream is None else {"stream": log_stream}
         self.log = MetricsLogger(st.is_main, t.tensorboard_dir, **kwargs)
+        self.save_lock = ckpt.SaveDirLock(t.save if st.is_main else None, log=self.log.print)
+        self._on_every_rank(self.save_lock.acquire, f"{t.save} is in use by another run (see rank 0's message)")
+        try:
+            self._build(model_provider, datasets_provider, forward_step)
+        except BaseException:
+            self.save_lock.release()
+            raise
+
+    def _build(self, model_provider: Callable, datasets_provider: Callable, forward_step: Callable) -> None:
+        config, st = self.config, self.state
+        t = config.train
         self.forward_step = forward_step
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * st.data_parallel_size)
         self.dtype = compute_dtype(t)
@@ -209,7 +164,8 @@ class Trainer:
         p = config.parallel
         self.ddps = [DistributedDataParallel(chunk, st, p.ddp_bucket_size, p.overlap_grad_reduce,
                                              p.use_distributed_optimizer) for chunk in self.chunks]
-        self.optimizer = build_parallel_optimizer(self.chunks, self.ddps, config.optim, st,
+        make_optimizer = functools.partial(build_optimizer, config=config.optim, device=st.device)
+        self.optimizer = build_parallel_optimizer(self.chunks, self.ddps, make_optimizer, st,
                                                   p.use_distributed_optimizer)
         self.scheduler = LRScheduler(self.optimizer, config.optim)
         self.scaler = build_loss_scaler(t, config.optim)
@@ -219,13 +175,25 @@ class Trainer:
                 ddp.broadcast_params()
         self.compiled = [torch.compile(ddp) if t.compile else ddp for ddp in self.ddps]
 
-        # Every evaluation reads the same first eval_iters micro-batches of its split.
-        eval_samples = t.eval_iters * t.micro_batch_size * st.data_parallel_size
+        # Every evaluation reads the same first eval_iters global batches of its split, so the
+        # validation loss does not depend on the parallel layout.
+        eval_samples = t.eval_iters * t.global_batch_size
         self.datasets = datasets_provider(config, (t.train_iters * t.global_batch_size, eval_samples,
                                                    eval_samples))
         self._describe()
 
     # -- set-up helpers
+
+    def _on_every_rank(self, step: Callable, elsewhere: str) -> None:
+        """Run `step`; when it raises CheckpointError on any rank, raise it on every rank (the
+        others with `elsewhere`), so that no rank goes on to wait for the one that stopped."""
+        error = None
+        try:
+            step()
+        except ckpt.CheckpointError as e:
+            error = e
+        if self.state.all_reduce_max(1.0 if error is not None else 0.0) > 0:
+            raise error or ckpt.CheckpointError(elsewhere)
 
     def _build_model(self, model_provider: Callable) -> list:
         """This rank's model chunks (one per virtual pipeline stage), on the device."""
@@ -253,10 +221,18 @@ class Trainer:
         found = ckpt.find_checkpoint(t.load, st.rank, fallback=t.load_fallback, log=self.log.print,
                                      layout=st.layout(),
                                      model_parallel_rank=(st.tensor_model_parallel_rank, st.pipeline_model_parallel_rank,
-                                                          st.expert_model_parallel_rank))
+                                                          st.expert_model_parallel_rank),
+                                     verify=t.verify_checkpoint)
         if found is None:
-            self.log.print(f"no checkpoint in {t.load}: starting from scratch")
-            return None
+            if t.save and os.path.abspath(t.load) == os.path.abspath(t.save):
+                self.log.print(f"no checkpoint in {t.load} yet: starting from scratch (it is also --save, so a "
+                               f"restart of this command resumes from the checkpoints this run writes)")
+                return None
+            what = "does not exist" if not os.path.isdir(t.load) else "holds no checkpoint (no iter_XXXXXXX directory)"
+            raise ckpt.CheckpointError(
+                f"--load {t.load} {what}. Check the path (it is a --save directory or one of its iter_XXXXXXX "
+                f"directories); to start from scratch leave out --load, or give the same directory to --load "
+                f"and --save to resume automatically whenever a checkpoint exists")
         ckpt.check_architecture(found["metadata"]["config"], self.config, found["path"])
         weights, missing = dict(found["model"]), []
         for chunk in self.chunks:
@@ -295,6 +271,9 @@ class Trainer:
             self.log.print(f"note: global batch size changed from {saved_mbs} to {t.global_batch_size}")
         self.train_state.iteration = meta["iteration"]
         self.train_state.consumed_samples = meta["consumed_samples"]
+        self.train_state.skipped_iterations = meta.get("skipped_iterations", 0)
+        if t.save and os.path.abspath(t.save) == os.path.abspath(os.path.dirname(os.path.normpath(found["path"]))):
+            self.train_state.last_saved = meta["iteration"]
         self.log.print(f"resumed from {found['path']} at iteration {meta['iteration']} "
                        f"({meta['consumed_samples']} samples consumed)")
 
@@ -400,18 +379,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, dataset, name: str) -> Optional[float]:
+        """The loss over the first --eval-iters global batches of `dataset`, the same samples and the
+        same value (to rounding) whatever the data-, tensor- or pipeline-parallel layout."""
         t = self.config.train
         if dataset is None or t.eval_iters <= 0:
             return None
         for chunk in self.chunks:
             chunk.eval()
-        data = build_data_iterator(dataset, 0, self.config, self.state,
-                                   total_samples=t.eval_iters * t.micro_batch_size * self.state.data_parallel_size)
-        batches = list(data)
-        losses = self._forward_backward(batches, self.chunks, forward_only=True)[0] if batches else []
+        data = build_data_iterator(dataset, 0, self.config, self.state, total_samples=t.eval_iters * t.global_batch_size)
+        losses, counted = [], 0
+        for _ in range(t.eval_iters):  # one global batch at a time, as a training step reads it
+            batches = list(itertools.islice(data, self.num_microbatches))
+            if len(batches) < self.num_microbatches:
+                break
+            losses += self._forward_backward(batches, self.chunks, forward_only=True)[0]
+            counted += 1
         for chunk in self.chunks:
             chunk.train()
-        if not batches:
+        if not counted:
             return None
         loss = self._dp_mean(torch.stack(losses).mean() if losses else torch.zeros((), device=self.state.device))
         it = self.train_state.iteration
@@ -419,15 +404,26 @@ class Trainer:
         self.log.scalars({f"{name}/loss": loss, f"{name}/ppl": _ppl(loss)}, it)
         return loss
 
-    def save(self) -> None:
-        t = self.config.train
+    def save(self) -> bool:
+        """Write a checkpoint of the current iteration, unless the last steps were skipped for
+        non-finite gradients: a run that is diverging must not replace its last good checkpoint.
+        Returns whether it saved."""
+        t, ts = self.config.train, self.train_state
         if not t.save:
-            return
+            return False
+        if ts.consecutive_skips:
+            last = f"iteration {ts.last_saved}" if ts.last_saved is not None else "none yet"
+            self.log.print(f"not saving at iteration {ts.iteration}: its last {ts.consecutive_skips} step(s) were "
+                           f"skipped for non-finite gradients; the newest checkpoint ({last}) is kept, and the save "
+                           f"happens at the next applied step")
+            return False
         start = time.perf_counter()
-        path = ckpt.save_checkpoint(t.save, self.train_state.iteration, self.chunks, self.config,
-                                    self.optimizer, self.scheduler, self.scaler,
-                                    self.train_state.consumed_samples, self.state)
+        path = ckpt.save_checkpoint(t.save, ts.iteration, self.chunks, self.config, self.optimizer, self.scheduler,
+                                    self.scaler, ts.consumed_samples, self.state,
+                                    extra_metadata={"skipped_iterations": ts.skipped_iterations})
+        ts.last_saved = ts.iteration
         self.log.print(f"saved checkpoint {path} in {time.perf_counter() - start:.1f}s")
+        return True
 
     # -- the loop
 
@@ -438,12 +434,10 @@ class Trainer:
         for chunk in self.chunks:
             chunk.train()
         timer = Throughput(st.device)
-        flops_per_token = self.model.flops_per_token() if hasattr(self.model, "flops_per_token") else None
-        peak = peak_flops(st.device, self.dtype, t.peak_flops)
-        tokens_per_iter = t.global_batch_size * c.model.seq_length
+        run_start, first_iteration = time.perf_counter(), ts.iteration
         loss_sum = torch.zeros((), device=st.device)
         loss_count, skipped_in_interval = 0, 0
-        last_saved = ts.iteration if t.load else None
+        save_due = False  # a save that waits for a step that is applied
         with _ExitSignal() as exit_signal:
             while ts.iteration < t.train_iters:
                 loss, grad_norm, found_inf, lr = self.train_step(data)
@@ -461,40 +455,10 @@ class Trainer:
                     loss_count += 1
 
                 if ts.iteration % t.log_interval == 0 or ts.iteration == t.train_iters:
-                    elapsed = timer.elapsed()
                     mean_loss = self._dp_mean(loss_sum / max(loss_count, 1)) if loss_count else float("nan")
-                    tok_s = tokens_per_iter * timer.iterations / elapsed
-                    values = {"train/loss": mean_loss, "train/ppl": _ppl(mean_loss), "train/lr": lr,
-                              "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s,
-                              "train/skipped_iterations": ts.skipped_iterations,
-                              "train/loss_scale": self.scaler.scale if t.fp16 else None,
-                              "train/tokens": ts.consumed_samples * c.model.seq_length}
-                    line = (f"iter {ts.iteration}/{t.train_iters} | tokens {human(values['train/tokens'])} | "
-                            f"loss {mean_loss:.4f} | ppl {_ppl(mean_loss):.2f} | lr {lr:.3e} | "
-                            f"grad norm {grad_norm:.3f} | skipped {skipped_in_interval} | "
-                            f"{human(tok_s)} tok/s")
-                    if flops_per_token:
-                        tflops = flops_per_token * tok_s / st.world_size / 1e12
-                        values["train/tflops_per_device"] = tflops
-                        line += f" | {tflops:.2f} TFLOP/s/dev"
-                        if peak:
-                            values["train/mfu"] = tflops * 1e12 / peak
-                            line += f" | MFU {100 * tflops * 1e12 / peak:.1f}%"
-                    if t.fp16:
-                        line += f" | loss scale {self.scaler.scale:.0f}"
-                    mem = peak_memory_bytes(st.device)
-                    values["train/peak_memory_gb"] = mem / 2**30
-                    line += f" | mem {mem / 2**30:.2f} GB"
-                    moe = moe_statistics(self.chunks, st.data_parallel_group if st.distributed else None,
-                                         st.pipeline_model_parallel_group if st.pipeline_model_parallel_size > 1
-                                         else None)
-                    if moe is not None:  # expert load and router losses (megalm.model.moe)
-                        moe_line, moe_scalars = moe_log(moe)
-                        line += f" | {moe_line}"
-                        values.update(moe_scalars)
-                    self.log.print(line)
-                    self.log.scalars(values, ts.iteration)
-                    ts.history.append((ts.iteration, mean_loss))
+                    elapsed = time.perf_counter() - run_start
+                    eta = elapsed / (ts.iteration - first_iteration) * (t.train_iters - ts.iteration)
+                    self._log_interval(timer, mean_loss, lr, grad_norm, skipped_in_interval, elapsed, eta)
                     loss_sum.zero_()
                     loss_count, skipped_in_interval = 0, 0
                     timer.reset()
@@ -504,37 +468,81 @@ class Trainer:
                     timer.reset()
                 want_exit = st.all_reduce_max(1.0 if exit_signal.received is not None else 0.0) > 0
                 at_exit_interval = t.exit_interval is not None and ts.iteration % t.exit_interval == 0
-                if t.save and ((t.save_interval and ts.iteration % t.save_interval == 0)
-                               or want_exit or at_exit_interval):
-                    self.save()
-                    last_saved = ts.iteration
+                save_due = save_due or bool(t.save_interval and ts.iteration % t.save_interval == 0)
+                if t.save and (save_due or want_exit or at_exit_interval):
+                    if self.save():
+                        save_due = False
                     timer.reset()
                 if want_exit or at_exit_interval:
                     reason = "signal received" if want_exit else f"--exit-interval {t.exit_interval}"
+                    saved = ts.last_saved == ts.iteration
                     self.log.print(f"{reason}: stopping at iteration {ts.iteration}"
-                                   + (f" after saving to {t.save}" if t.save else ""))
+                                   + (f" after saving to {t.save}" if saved else ""))
                     return ts
-        if t.save and last_saved != ts.iteration:
+        if t.save and ts.last_saved != ts.iteration:
             self.save()
         self.evaluate(valid_ds, "validation")
         self.evaluate(test_ds, "test")
         return ts
 
+    def _log_interval(self, timer: Throughput, mean_loss: float, lr: float, grad_norm: float, skipped: int,
+                      elapsed: float, eta: float) -> None:
+        """The console line and TensorBoard scalars of one log interval."""
+        c, t, st, ts = self.config, self.config.train, self.state, self.train_state
+        tok_s = t.global_batch_size * c.model.seq_length * timer.iterations / timer.elapsed()
+        values = {"train/loss": mean_loss, "train/ppl": _ppl(mean_loss), "train/lr": lr,
+                  "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s,
+                  "train/skipped_iterations": ts.skipped_iterations,
+                  "train/loss_scale": self.scaler.scale if t.fp16 else None,
+                  "train/tokens": ts.consumed_samples * c.model.seq_length}
+        line = (f"iter {ts.iteration}/{t.train_iters} | tokens {human(values['train/tokens'])} | "
+                f"loss {mean_loss:.4f} | ppl {_ppl(mean_loss):.2f} | lr {lr:.3e} | "
+                f"grad norm {grad_norm:.3f} | skipped {skipped} | {human(tok_s)} tok/s")
+        flops_per_token = self.model.flops_per_token() if hasattr(self.model, "flops_per_token") else None
+        if flops_per_token:
+            tflops = flops_per_token * tok_s / st.world_size / 1e12
+            values["train/tflops_per_device"] = tflops
+            line += f" | {tflops:.2f} TFLOP/s/dev"
+            peak = peak_flops(st.device, self.dtype, t.peak_flops)
+            if peak:
+                values["train/mfu"] = tflops * 1e12 / peak
+                line += f" | MFU {100 * tflops * 1e12 / peak:.1f}%"
+        if t.fp16:
+            line += f" | loss scale {self.scaler.scale:.0f}"
+        mem = peak_memory_bytes(st.device)
+        values["train/peak_memory_gb"] = mem / 2**30
+        line += f" | mem {mem / 2**30:.2f} GB | elapsed {duration(elapsed)} | ETA {duration(eta)}"
+        moe = moe_statistics(self.chunks, st.data_parallel_group if st.distributed else None,
+                             st.pipeline_model_parallel_group if st.pipeline_model_parallel_size > 1 else None)
+        if moe is not None:  # expert load and router losses
+            moe_line, moe_scalars = moe_log(moe)
+            line += f" | {moe_line}"
+            values.update(moe_scalars)
+        self.log.print(line)
+        self.log.scalars(values, ts.iteration)
+        ts.history.append((ts.iteration, mean_loss))
+
     def _check_divergence(self, loss: torch.Tensor) -> None:
-        ts = self.train_state
+        ts, t = self.train_state, self.config.train
         can_rescale = self.scaler.dynamic and self.scaler.scale > self.scaler.min_scale
         if ts.consecutive_skips >= MAX_CONSECUTIVE_SKIPS and not can_rescale:
-            where = (f"; the last checkpoint in {self.config.train.save} is intact" if self.config.train.save
-                     else "")
+            last_good = ts.iteration - ts.consecutive_skips
+            if ts.last_saved is not None:
+                where = (f" The newest checkpoint, iteration {ts.last_saved} in {t.save}, was written before the "
+                         f"skipping began (none is written while steps are skipped); resume from it with --load, or "
+                         f"from an earlier one if the loss was already rising there.")
+            else:
+                where = " No checkpoint of this run was written before the skipping began."
             raise TrainingError(
-                f"gradients were inf/NaN for {ts.consecutive_skips} iterations in a row (up to "
-                f"iteration {ts.iteration}, last loss {loss.item():.4g}): the run has diverged and "
-                f"those steps were skipped, not applied{where}. Lower --lr, lengthen "
-                f"--lr-warmup-iters, keep --clip-grad on, prefer --bf16 over --fp16, or check the "
-                f"data for corrupt samples; then resume with --load.")
+                f"gradients were inf/NaN for {ts.consecutive_skips} iterations in a row (iterations "
+                f"{last_good + 1} to {ts.iteration}, last loss {loss.item():.4g}; the last step applied was iteration "
+                f"{last_good}): the run has diverged, and those steps were skipped, not applied.{where} Lower "
+                f"--lr, lengthen --lr-warmup-iters, keep --clip-grad on, prefer --bf16 over --fp16, or check the "
+                f"data for corrupt samples.")
 
     def close(self) -> None:
         self.log.close()
+        self.save_lock.release()
 
 
 def _ppl(loss: float) -> float:

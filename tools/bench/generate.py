@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from megalm.checkpoint import save_checkpoint  # noqa: E402
 from megalm.config import Config, ModelConfig  # noqa: E402
 from megalm.convert import megalm_to_hf  # noqa: E402
 from megalm.inference.generate import SamplingParams, generate  # noqa: E402
 from megalm.model import GPTModel  # noqa: E402
-from megalm.training.checkpoint import save_checkpoint  # noqa: E402
 
 PRESETS = {
     # A Llama-style shape small enough for a CPU: GQA, SwiGLU, RMSNorm, RoPE, untied head.
