@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Optional
 
 import torch
@@ -120,6 +121,10 @@ def _load(path: str, rel: str, metadata: dict, verify: bool, loader):
         return loader(full)
     except (KeyboardInterrupt, SystemExit):
         raise
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{full} holds pickled objects other than tensors and plain containers; megalm never "
+                              f"loads those (unpickling can run code). It was not written by megalm: restore the "
+                              f"file from the checkpoint's source") from e
     except Exception as e:  # torch and safetensors raise several types for a bad file
         raise CheckpointError(f"{full} is corrupt ({type(e).__name__}: {e})") from e
 

@@ -404,14 +404,19 @@ class Trainer:
         self.log.scalars({f"{name}/loss": loss, f"{name}/ppl": _ppl(loss)}, it)
         return loss
 
+    def _diverging(self) -> bool:
+        """Are the last steps skipped for non-finite gradients that loss scaling cannot explain?
+        (fp16's dynamic scaler skips steps while it lowers the scale: that is its normal work.)"""
+        can_rescale = self.scaler.dynamic and self.scaler.scale > self.scaler.min_scale
+        return self.train_state.consecutive_skips > 0 and not can_rescale
+
     def save(self) -> bool:
-        """Write a checkpoint of the current iteration, unless the last steps were skipped for
-        non-finite gradients: a run that is diverging must not replace its last good checkpoint.
-        Returns whether it saved."""
+        """Write a checkpoint of the current iteration, unless the run is diverging (see
+        `_diverging`): its last good checkpoint must not be replaced. Returns whether it saved."""
         t, ts = self.config.train, self.train_state
         if not t.save:
             return False
-        if ts.consecutive_skips:
+        if self._diverging():
             last = f"iteration {ts.last_saved}" if ts.last_saved is not None else "none yet"
             self.log.print(f"not saving at iteration {ts.iteration}: its last {ts.consecutive_skips} step(s) were "
                            f"skipped for non-finite gradients; the newest checkpoint ({last}) is kept, and the save "
@@ -524,8 +529,7 @@ class Trainer:
 
     def _check_divergence(self, loss: torch.Tensor) -> None:
         ts, t = self.train_state, self.config.train
-        can_rescale = self.scaler.dynamic and self.scaler.scale > self.scaler.min_scale
-        if ts.consecutive_skips >= MAX_CONSECUTIVE_SKIPS and not can_rescale:
+        if ts.consecutive_skips >= MAX_CONSECUTIVE_SKIPS and self._diverging():
             last_good = ts.iteration - ts.consecutive_skips
             if ts.last_saved is not None:
                 where = (f" The newest checkpoint, iteration {ts.last_saved} in {t.save}, was written before the "
