@@ -180,6 +180,38 @@ def test_cli_perplexity_and_multiple_choice(setup, tmp_path):
     assert "mc.jsonl:1: expected an object with context, choices and answer" in r.stderr
 
 
+def test_cli_refuses_seq_length_past_learned_positions(tmp_path):
+    import textwrap
+
+    from megalm.convert import hf_to_megalm
+    hf_dir = save_hf(hf_model("gpt2", vocab_size=V), str(tmp_path / "hf"))  # 128 learned positions
+    write_tokenizer(hf_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_to_megalm(hf_dir, str(tmp_path / "megalm"), **quiet())
+    args = ("--load", str(tmp_path / "megalm"), "--task", "perplexity", "--input", textwrap.__file__,
+            "--max-tokens", "300", "--no-progress")
+    r = _cli(*args, "--seq-length", "1024")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.strip() == ("error: --seq-length 1024 is longer than the model's 128 positions (its learned "
+                                "position embeddings have no row past position 127): pass --seq-length 128 or less")
+    r = _cli(*args, "--seq-length", "128")  # the length the message offers runs
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["seq_length"] == 128
+
+
+def test_cli_warns_once_past_rope_positions(setup):
+    import textwrap
+    _, _, root = setup  # a RoPE model with 128 positions
+    r = _cli("--load", str(root / "megalm"), "--task", "perplexity", "--input", textwrap.__file__,
+             "--seq-length", "256", "--stride", "128", "--max-tokens", "400", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert [line for line in r.stderr.splitlines() if "warning" in line] == [
+        "warning: the model was trained with 128 positions and --seq-length 256 goes past them: results beyond "
+        "position 128 measure how it extrapolates"]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["seq_length"] == 256
+
+
 def test_lm_eval_adapter(setup):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed")
     from lm_eval.api.instance import Instance

@@ -27,6 +27,7 @@ from megalm.checkpoint import CheckpointError  # noqa: E402
 from megalm.convert import ConversionError  # noqa: E402
 from megalm.data.errors import DataError  # noqa: E402
 from megalm.inference import evaluate, quantize  # noqa: E402
+from megalm.inference.context import check_context_length  # noqa: E402
 from megalm.inference.loading import load_model, save_quantized  # noqa: E402
 
 
@@ -36,7 +37,9 @@ def parse_args(argv=None):
     parser.add_argument("--load", required=True, help="megalm checkpoint (root or iter_XXXXXXX) or quantized model.")
     parser.add_argument("--task", required=True, choices=["perplexity", "multiple-choice"])
     parser.add_argument("--input", required=True, help="Text file / indexed dataset prefix, or a jsonl file.")
-    parser.add_argument("--seq-length", type=int, help="Window length (default: the model's --seq-length).")
+    parser.add_argument("--seq-length", type=int,
+                        help="Window length (default: the model's --seq-length); past the model's positions it is "
+                             "refused with learned position embeddings, warned about with RoPE.")
     parser.add_argument("--stride", type=int, help="perplexity: window step (default: half the window).")
     parser.add_argument("--max-tokens", type=int, help="perplexity: score only the first N tokens of the input.")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -91,7 +94,12 @@ def main(argv=None) -> int:
         if args.save_quantized and not args.quantize:
             raise ValueError("--save-quantized needs --quantize METHOD")
         loaded = load_model(args.load, device=args.device, dtype=args.dtype)
-        seq_length = args.seq_length or min(loaded.config.model.seq_length, loaded.config.model.max_positions)
+        positions = loaded.config.model.max_positions
+        seq_length = args.seq_length or min(loaded.config.model.seq_length, positions)
+        warning = check_context_length(loaded.config.model, seq_length, f"--seq-length {seq_length}",
+                                       f"pass --seq-length {positions} or less")
+        if warning is not None:
+            print(f"warning: {warning}", file=sys.stderr)
         result = run_task(args, loaded, seq_length)
         if args.quantize:
             before = dict(result)

@@ -14,16 +14,21 @@ from a `torch.Generator` seeded with `seed`, so a run is reproducible.
 
 A row stops at a stop token (the tokenizer's end-of-document and any ids given), when its text
 contains a stop string (the text is cut before it), or after `max_new_tokens`.
+
+A prompt plus its new tokens longer than the model's positions is refused with learned positions
+and warned about with RoPE (`megalm.inference.context`).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from megalm.inference.context import check_context_length
 from megalm.model import KVCache
 from megalm.parallel.tensor import vocab_parallel_logits
 
@@ -120,9 +125,13 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, vo
     device = weight.device
     b, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + params.max_new_tokens
-    if model.position_embeddings is not None and total > config.max_positions:
-        raise ValueError(f"a prompt of {longest} tokens plus {params.max_new_tokens} new tokens is longer than "
-                         f"the model's {config.max_positions} positions")
+    room = config.max_positions - longest
+    warning = check_context_length(
+        config, total, f"a prompt of {longest} tokens plus {params.max_new_tokens} new tokens",
+        f"ask for at most {room} new tokens or shorten the prompt" if room > 0 else
+        f"shorten the prompt to fewer than {config.max_positions} tokens")
+    if warning is not None:
+        warnings.warn(warning, stacklevel=3)
 
     padding = torch.tensor([longest - len(p) for p in prompts], device=device)
     tokens = torch.zeros(b, longest, dtype=torch.long, device=device)
