@@ -135,6 +135,20 @@ def test_loglikelihood_greedy_flag_and_truncation(setup):
     assert truncated[0][0] == pytest.approx(score, abs=1e-5)
 
 
+def test_loglikelihoods_fill_a_learned_position_table_exactly():
+    """max_length + 1 tokens run as max_length positions: the last token is only a target."""
+    from megalm.config import ModelConfig
+    from megalm.model import GPTModel
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=16,
+                                 padded_vocab_size=128)).eval()
+    context = list(range(40))
+    [(score, _)] = evaluate.loglikelihoods(model, [(context, [7])], 128, 16, progress=False)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([context[-16:]]))[0, -1].float(), dim=-1)[7].item()
+    assert score == pytest.approx(expected, abs=1e-5)
+
+
 def test_indexed_dataset_input(setup, tmp_path):
     from megalm.data.indexed_dataset import IndexedDatasetBuilder
     _, lm, _ = setup

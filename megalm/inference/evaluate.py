@@ -108,8 +108,8 @@ def encode_pair(encode: Callable[[str], list], context: str, continuation: str):
 def loglikelihoods(model, pairs: Sequence, vocab_size: int, max_length: int, batch_size: int = 8,
                    progress: bool = True, desc: str = "loglikelihood") -> list:
     """For each (context ids, continuation ids): (summed log-probability of the continuation,
-    whether greedy decoding would produce it). Inputs longer than max_length lose their oldest
-    tokens."""
+    whether greedy decoding would produce it). The model reads at most max_length tokens: longer
+    inputs lose their oldest tokens."""
     results = [None] * len(pairs)
     items = []
     for index, (context, continuation) in enumerate(pairs):
@@ -126,7 +126,7 @@ def loglikelihoods(model, pairs: Sequence, vocab_size: int, max_length: int, bat
         for row, (_, whole, _) in enumerate(chunk):
             batch[row, :len(whole)] = torch.as_tensor(whole)
         batch = batch.to(device)
-        h = model.hidden_states(batch)  # [b, s, h]
+        h = model.hidden_states(batch[:, :-1])  # [b, s - 1, h]: the last token is only ever a target
         for row, (index, whole, n) in enumerate(chunk):
             # Only the positions that predict the continuation need the [tokens x vocab] logits.
             positions = torch.arange(len(whole) - 1 - n, len(whole) - 1, device=device)
