@@ -6,6 +6,7 @@ downloads). The helpers at the top are shared with the generation and evaluation
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import warnings
@@ -145,6 +146,19 @@ def test_export_loads_with_transformers_alone(converted, tmp_path):
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["vocab_size"] == VOCAB and config["eos_token_id"] == 1
     assert os.path.isfile(os.path.join(out, "generation_config.json"))
+
+
+def test_exported_weights_follow_the_umask(tmp_path):
+    """safetensors creates its files 0600; an export shared with a team must be readable by it."""
+    ckpt = str(tmp_path / "megalm")
+    hf_to_megalm(save_hf(hf_model("llama"), str(tmp_path / "hf")), ckpt, **quiet())
+    old = os.umask(0o022)
+    try:
+        megalm_to_hf(ckpt, str(tmp_path / "out"), **quiet())
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) == 0o644, name
 
 
 def test_llama3_rope_scaling_survives_the_round_trip(tmp_path):

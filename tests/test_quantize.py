@@ -14,6 +14,7 @@ import ast
 import copy
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -231,6 +232,21 @@ def test_moe_experts_are_quantized_within_the_same_margins(trained_moe, tmp_path
     x = torch.tensor([train[:40].tolist()])
     with torch.no_grad():
         assert torch.equal(again(x), quantized["gptq-int4"](x))
+
+
+def test_saved_quantized_files_follow_the_umask(tmp_path):
+    """safetensors creates its files 0600; a quantized model shared with a team must be readable."""
+    config = Config(model=ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=2, seq_length=16,
+                                      padded_vocab_size=128))
+    model = quantize.quantize_model(GPTModel(config.model).eval(), "int8")
+    settings = {"method": "int8", "group_size": 128, "symmetric": False, "act_order": False}
+    old = os.umask(0o022)
+    try:
+        loading.save_quantized(str(tmp_path / "q"), model, config, settings, 128)
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", loading.QUANTIZATION_FILE):
+        assert stat.S_IMODE(os.stat(tmp_path / "q" / name).st_mode) == 0o644, name
 
 
 def test_quantization_math_does_not_import_loading():

@@ -18,8 +18,8 @@ import shutil
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from megalm.checkpoint.files import save_safetensors
 from megalm.convert.frame import ConversionError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -124,8 +124,8 @@ def save_tensors(tensors: dict, directory: str, max_shard_size: int) -> list:
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
     for file, shard in zip(names, shards):
-        save_file({k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in shard.items()},
-                  os.path.join(directory, file), metadata={"format": "pt"})
+        save_safetensors({k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in shard.items()},
+                         os.path.join(directory, file), metadata={"format": "pt"})
         weight_map.update({k: file for k in shard})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())

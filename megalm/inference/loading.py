@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from megalm.checkpoint import checkpoint_config, checkpoint_tokenizer, open_checkpoint
@@ -77,7 +77,7 @@ def save_quantized(path: str, model: nn.Module, config: Config, settings: dict, 
     """Write a quantized model to the directory `path` (created; must not hold one already)."""
     os.makedirs(path, exist_ok=True)
     state = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
-    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "megalm-quantized"})
+    save_safetensors(state, os.path.join(path, "model.safetensors"), metadata={"format": "megalm-quantized"})
     config_dict = config.to_dict()
     if tokenizer_dir and os.path.isdir(tokenizer_dir):
         shutil.copytree(tokenizer_dir, os.path.join(path, "tokenizer"), dirs_exist_ok=True)
