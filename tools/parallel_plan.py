@@ -411,8 +411,7 @@ def main(argv=None) -> int:
             if ns.search:
                 par.num_layers_per_virtual_pipeline_stage = None
             try:
-                config._validate_parallel()
-                config._validate_moe()
+                config.validate_layout()
                 plans.append(estimate(config, cluster, vocab))
             except ConfigError as e:
                 if not ns.search:

@@ -23,6 +23,7 @@ from typing import Optional
 
 from megalm.checkpoint.files import CHECKSUM_ALGORITHM, CheckpointError, checksum, save_safetensors, save_torch, write_text_atomic
 from megalm.checkpoint.format import FORMAT_VERSION, METADATA, TRACKER, iteration_dir, shard_dir
+from megalm.checkpoint.merge import meta_model
 from megalm.checkpoint.rng import rng_state
 from megalm.config import Config
 from megalm.parallel.state import ParallelState
@@ -180,7 +181,6 @@ def save_weights(root: str, config: Config, weights: dict, extra_metadata: Optio
     directory. The tensors are checked against the model the config describes (names and shapes)
     and written as they are (no dtype change); the recorded config points at the tokenizer copies
     the checkpoint holds, so it stays usable when the original files move."""
-    from megalm.checkpoint.merge import meta_model
     model = meta_model(config.model)
     model.load_state_dict(weights, strict=True, assign=True)
     recorded = copy.deepcopy(config)

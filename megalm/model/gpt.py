@@ -150,7 +150,7 @@ class GPTModel(nn.Module):
             if not tied or not self.pre_process:
                 # Untied: the output layer's own weight. Tied on a last stage that is not also the
                 # first: a copy of the embedding (same seed, same values), kept equal by summing
-                # the two copies' gradients over the embedding group (megalm.parallel.finalize).
+                # the two copies' gradients over the embedding group (megalm.parallel.data_parallel).
                 with _init_seed(seed if tied else seed + 2 + config.num_layers):
                     self.output_layer = ColumnParallelLinear(config.hidden_size, config.padded_vocab_size,
                                                              bias=False, init_method=normal_init(std),

@@ -19,7 +19,7 @@ exactly the shards of the model built for TP=1. Sharded parameters carry `partit
 `partition_stacked` (see `shard` / `merge_shards`), which is all a checkpoint resharder needs.
 Replicated parameters whose gradient is only partial under sequence parallelism (norms, row-parallel
 biases, position embeddings) carry `sequence_parallel = True`: their gradients are all-reduced over
-the tensor-parallel group after the backward pass (`megalm.parallel.finalize`).
+the tensor-parallel group after the backward pass (`megalm.parallel.data_parallel`).
 """
 
 from __future__ import annotations
