@@ -5,6 +5,10 @@ with the field's type, default and ``help``. Booleans that default to False are 
 switches; booleans that default to True need an explicit negative ``flag`` in their metadata
 (``--disable-bias-linear``). Parsing is strict: an unknown flag stops the program with a message
 naming it and the closest known flags.
+
+``--help`` reads like Megatron-LM's: flags in groups by concern (a field's ``group``, else its
+dataclass's usual group), each value named by its kind (``--num-layers N``, ``--lr X``, ``--save DIR``,
+``--normalization {LayerNorm,RMSNorm}``) and its default stated once, never for a switch.
 """
 
 from __future__ import annotations
@@ -18,9 +22,25 @@ from typing import Optional, Sequence
 
 from megalm.config import SECTIONS, Config, ConfigError
 
+# The value's name in --help by its type; a text field names its value in metadata (PATH, DIR...).
+_METAVARS = {int: "N", float: "X"}
+
+# The --help group of a field that does not name one.
+_SECTION_GROUPS = {"model": "architecture", "parallel": "parallelism", "optim": "optimizer",
+                   "train": "training", "data": "data"}
+
 
 def _flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _flag_fields(klass) -> list:
+    """The fields of `klass` that are flags (derived values are not)."""
+    return [f for f in dataclasses.fields(klass) if not f.metadata.get("derived")]
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def _base_type(annotation):
@@ -61,29 +81,50 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def _help(f: dataclasses.Field, switch: bool) -> str:
+    """The field's help with its default added once: not for a switch (its help says what it
+    does), nor for a default of nothing (the help says what happens then), nor when the help
+    already states it."""
+    text, default = f.metadata["help"], _default(f)
+    if switch or default is None or default == [] or "default:" in text:
+        return text
+    return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
+def _argument(section: str, f: dataclasses.Field) -> dict:
+    """add_argument's keywords for field `f`. argparse holds no default (SUPPRESS): a flag not given
+    stays out of the namespace and the dataclass's default applies, so defaults live in one place
+    and no help formatter adds them a second time."""
+    kind = _base_type(f.type)
+    switch = kind is bool and "type" not in f.metadata
+    kwargs = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS, help=_help(f, switch))
+    if switch:
+        kwargs["action"] = "store_false" if _default(f) else "store_true"
+        return kwargs
+    if "type" in f.metadata:
+        kwargs["type"] = _argparse_type(f.metadata["type"])
+    elif kind is list:
+        kwargs["nargs"] = "+"
+    else:
+        kwargs["type"] = kind
+    if "choices" in f.metadata:  # argparse shows them as {a,b,c}
+        kwargs["choices"] = f.metadata["choices"]
+    else:
+        kwargs["metavar"] = f.metadata.get("metavar") or _METAVARS.get(kind, "TEXT")
+    return kwargs
+
+
 def build_parser(description: str = "megalm", extra: Optional[callable] = None) -> argparse.ArgumentParser:
     """The parser for all config sections. `extra(parser)` may add tool-specific flags."""
     parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                      allow_abbrev=False)
+    groups = {}  # in the order of their first flag
     for section, klass in SECTIONS.items():
-        group = parser.add_argument_group(section)
-        for f in dataclasses.fields(klass):
-            if f.metadata.get("derived"):
-                continue
-            kind = _base_type(f.type)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kwargs = dict(dest=f"{section}.{f.name}", help=f.metadata["help"], default=default)
-            if "type" in f.metadata:
-                kwargs["type"] = _argparse_type(f.metadata["type"])
-            elif kind is bool:
-                kwargs["action"] = "store_false" if default else "store_true"
-            elif kind is list:
-                kwargs["nargs"] = "+"
-            else:
-                kwargs["type"] = kind
-                if "choices" in f.metadata:
-                    kwargs["choices"] = f.metadata["choices"]
-            group.add_argument(_flag_name(f), **kwargs)
+        for f in _flag_fields(klass):
+            title = f.metadata.get("group", _SECTION_GROUPS.get(section, section))
+            if title not in groups:
+                groups[title] = parser.add_argument_group(title)
+            groups[title].add_argument(_flag_name(f), **_argument(section, f))
     if extra is not None:
         extra(parser)
     return parser
@@ -111,12 +152,9 @@ def config_to_argv(config: Config) -> list:
     argv = []
     for section, klass in SECTIONS.items():
         obj = getattr(config, section)
-        for f in dataclasses.fields(klass):
-            if f.metadata.get("derived"):
-                continue
+        for f in _flag_fields(klass):
             value = getattr(obj, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if value == default or value is None:
+            if value == _default(f) or value is None:
                 continue
             if "type" in f.metadata:  # parsed from one string
                 argv += [_flag_name(f), str(value).replace(" ", "")]

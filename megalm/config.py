@@ -9,7 +9,14 @@ one field here. Names follow Megatron-LM where it has one. A field's ``metadata`
   (``add_bias_linear`` is switched off by ``--disable-bias-linear``);
 - ``choices``: the allowed values;
 - ``type``: a parser for the flag's string when the annotation's type is not enough
-  (``--moe-layer-freq`` takes an int or a per-layer pattern).
+  (``--moe-layer-freq`` takes an int or a per-layer pattern);
+- ``metavar``: the value's name in ``--help`` when the type's (``N`` for an int, ``X`` for a float)
+  says too little (``--save DIR``);
+- ``group``: the ``--help`` group of the flag when it is not its dataclass's usual one
+  (``--num-experts`` is under "mixture of experts").
+
+A help text that states the default itself ("(default: one per query head)") is shown as is;
+otherwise ``--help`` adds the default. ``%`` is written ``%%`` (argparse formats the text).
 
 ``Config.validate`` checks cross-field rules at start-up and raises `ConfigError` naming the flag
 at fault, so a bad command line never fails deep inside a run; it changes nothing.
@@ -77,15 +84,12 @@ def moe_layer_freq_type(value: str) -> Union[int, List[int]]:
     return pattern
 
 
-def opt(default, help: str, flag: Optional[str] = None, choices=None, type=None):
-    """A dataclass field that is also a command-line flag."""
-    metadata = {"help": help}
-    if flag is not None:
-        metadata["flag"] = flag
-    if choices is not None:
-        metadata["choices"] = tuple(choices)
-    if type is not None:
-        metadata["type"] = type
+def opt(default, help: str, flag: Optional[str] = None, choices=None, type=None,
+        metavar: Optional[str] = None, group: Optional[str] = None):
+    """A dataclass field that is also a command-line flag (the keywords are described above)."""
+    given = dict(flag=flag, choices=None if choices is None else tuple(choices), type=type,
+                 metavar=metavar, group=group)
+    metadata = {"help": help, **{key: value for key, value in given.items() if value is not None}}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -93,20 +97,24 @@ def opt(default, help: str, flag: Optional[str] = None, choices=None, type=None)
 
 @dataclass
 class ModelConfig:
-    num_layers: int = opt(12, "Number of transformer layers.")
-    hidden_size: int = opt(768, "Transformer hidden size.")
-    num_attention_heads: int = opt(12, "Number of attention (query) heads.")
+    num_layers: int = opt(12, "Number of transformer layers.", group="model shape")
+    hidden_size: int = opt(768, "Transformer hidden size.", group="model shape")
+    num_attention_heads: int = opt(12, "Number of attention (query) heads.", group="model shape")
     num_query_groups: Optional[int] = opt(
-        None, "Number of key/value heads for grouped-query attention (default: one per query head).")
+        None, "Number of key/value heads for grouped-query attention (default: one per query head).",
+        group="model shape")
     ffn_hidden_size: Optional[int] = opt(
-        None, "MLP hidden size (default: 4 x hidden, or about 8/3 x hidden rounded to 64 with --swiglu).")
-    kv_channels: Optional[int] = opt(None, "Head dimension (default: hidden-size / num-attention-heads).")
-    seq_length: int = opt(1024, "Sequence length of each training sample, in tokens.")
+        None, "MLP hidden size (default: 4 x hidden, or about 8/3 x hidden rounded to 64 with --swiglu).",
+        group="model shape")
+    kv_channels: Optional[int] = opt(None, "Head dimension (default: hidden-size / num-attention-heads).",
+                                     group="model shape")
+    seq_length: int = opt(1024, "Sequence length of each training sample, in tokens.", group="model shape")
     max_position_embeddings: Optional[int] = opt(
         None, "Size of the learned position table, and the longest sequence the model accepts "
-              "(default: --seq-length).")
+              "(default: --seq-length).", group="model shape")
     make_vocab_size_divisible_by: int = opt(
-        128, "Pad the vocabulary to a multiple of this (x tensor-parallel size) for fast matmuls.")
+        128, "Pad the vocabulary to a multiple of this (x tensor-parallel size) for fast matmuls.",
+        group="model shape")
     position_embedding_type: str = opt(
         "learned_absolute", "Position encoding.", choices=["learned_absolute", "rope"])
     rotary_base: float = opt(10000.0, "RoPE base (theta).")
@@ -133,59 +141,69 @@ class ModelConfig:
               "std / sqrt(2 x num-layers).")
     attention_backend: str = opt(
         "auto", "Attention implementation: auto picks the fastest available for the device.",
-        choices=["auto", "triton", "sdpa", "reference"])
+        choices=["auto", "triton", "sdpa", "reference"], group="kernels")
     normalization_backend: str = opt(
         "auto", "Normalization implementation (auto: fused kernel on a GPU, reference on CPU).",
-        choices=["auto", "triton", "cuda", "reference"])
+        choices=["auto", "triton", "cuda", "reference"], group="kernels")
     cross_entropy_fusion: str = opt(
         "auto", "Fuse the output layer with the cross-entropy loss so the [tokens x vocab] logits "
-                "never exist (auto: fused on a GPU).", choices=["auto", "fused", "unfused"])
+                "never exist (auto: fused on a GPU).", choices=["auto", "fused", "unfused"], group="kernels")
 
     # Mixture of experts (megalm.model.moe, docs/MOE.md); off unless --num-experts is given.
     num_experts: Optional[int] = opt(
         None, "Routed experts per MoE layer; switches the MLP of the MoE layers to a mixture of SwiGLU "
-              "experts (default: dense model).")
-    moe_ffn_hidden_size: Optional[int] = opt(None, "Hidden size of each routed expert (default: --ffn-hidden-size).")
+              "experts (default: dense model).", group="mixture of experts")
+    moe_ffn_hidden_size: Optional[int] = opt(
+        None, "Hidden size of each routed expert (default: --ffn-hidden-size).", group="mixture of experts")
     moe_shared_expert_intermediate_size: Optional[int] = opt(
         None, "Total hidden size of the shared experts that every token passes through (DeepSeek-MoE; "
-              "e.g. 2 x --moe-ffn-hidden-size for two shared experts; default: none).")
+              "e.g. 2 x --moe-ffn-hidden-size for two shared experts; default: none).",
+        group="mixture of experts")
     moe_shared_expert_gate: bool = opt(
-        False, "Scale the shared experts' output by a learned sigmoid gate per token (Qwen2-MoE).")
-    moe_router_topk: int = opt(2, "Experts each token is routed to.")
+        False, "Scale the shared experts' output by a learned sigmoid gate per token (Qwen2-MoE).",
+        group="mixture of experts")
+    moe_router_topk: int = opt(2, "Experts each token is routed to.", group="mixture of experts")
     moe_router_score_function: str = opt(
         "softmax", "Router scores: softmax over the experts (Mixtral, Qwen2-MoE, DeepSeek-MoE) or an "
-                   "independent sigmoid per expert (DeepSeek-V3).", choices=["softmax", "sigmoid"])
+                   "independent sigmoid per expert (DeepSeek-V3).", choices=["softmax", "sigmoid"],
+        group="mixture of experts")
     moe_router_norm_topk_prob: bool = opt(
         False, "Renormalise the top-k scores of each token to sum to 1 (Mixtral; Qwen2-MoE's "
-               "norm_topk_prob).")
+               "norm_topk_prob).", group="mixture of experts")
     moe_router_topk_scaling_factor: Optional[float] = opt(
         None, "Multiply the top-k routing weights by this factor (DeepSeek's routed_scaling_factor; "
-              "default: 1).")
+              "default: 1).", group="mixture of experts")
     moe_router_enable_expert_bias: bool = opt(
         False, "Aux-loss-free load balancing (DeepSeek-V3): a per-expert bias, added to the scores for "
                "the top-k choice only, moves by --moe-router-bias-update-rate after every step toward the "
-               "less loaded experts.")
+               "less loaded experts.", group="mixture of experts")
     moe_router_bias_update_rate: float = opt(
-        1e-3, "Step of the expert bias per optimizer step (--moe-router-enable-expert-bias).")
+        1e-3, "Step of the expert bias per optimizer step (--moe-router-enable-expert-bias).",
+        group="mixture of experts")
     moe_router_num_groups: Optional[int] = opt(
         None, "Group-limited routing (DeepSeek-V2/V3): split the experts into this many groups and route "
-              "each token within its best --moe-router-group-topk groups (default: no groups).")
+              "each token within its best --moe-router-group-topk groups (default: no groups).",
+        group="mixture of experts")
     moe_router_group_topk: Optional[int] = opt(
         None, "Groups each token may use (--moe-router-num-groups); a group's score is the sum of its top "
-              "k / group-topk scores.")
+              "k / group-topk scores.", group="mixture of experts")
     moe_aux_loss_coeff: float = opt(
-        0.0, "Load-balancing loss coefficient (Switch / GShard: num-experts x sum_i f_i P_i per layer).")
-    moe_z_loss_coeff: float = opt(0.0, "Router z-loss coefficient (mean of logsumexp(router logits)^2).")
+        0.0, "Load-balancing loss coefficient (Switch / GShard: num-experts x sum_i f_i P_i per layer).",
+        group="mixture of experts")
+    moe_z_loss_coeff: float = opt(0.0, "Router z-loss coefficient (mean of logsumexp(router logits)^2).",
+                                  group="mixture of experts")
     moe_expert_capacity_factor: Optional[float] = opt(
         None, "Expert capacity as a multiple of tokens x top-k / experts; assignments beyond it are "
-              "dropped, lowest routing probability first (default: dropless).")
+              "dropped, lowest routing probability first (default: dropless).", group="mixture of experts")
     moe_pad_expert_input_to_capacity: bool = opt(
-        False, "Pad every expert's input to its capacity (fixed shapes); needs --moe-expert-capacity-factor.")
+        False, "Pad every expert's input to its capacity (fixed shapes); needs --moe-expert-capacity-factor.",
+        group="mixture of experts")
     moe_layer_freq: Union[int, List[int]] = opt(
         1, "Every this many layers is an MoE layer (layer i with i %% freq == 0), the others keep the dense "
            "MLP; or a per-layer pattern of 0 (dense) and 1 (MoE) as in Megatron-LM, e.g. \"([0]+[1]*23)\".",
-        type=moe_layer_freq_type)
-    first_k_dense_replace: int = opt(0, "Keep the dense MLP in the first this many layers (DeepSeek-MoE).")
+        type=moe_layer_freq_type, metavar="N|PATTERN", group="mixture of experts")
+    first_k_dense_replace: int = opt(0, "Keep the dense MLP in the first this many layers (DeepSeek-MoE).",
+                                     group="mixture of experts")
 
     # Not flags: derived at start-up from the tokenizer (or --vocab-size): its vocabulary, and that
     # vocabulary padded for the embedding and output layer (0: not known yet).
@@ -260,13 +278,14 @@ class ParallelConfig:
                "reduce-scattered, each rank updates its shard, parameters are all-gathered.")
     recompute_granularity: Optional[str] = opt(
         None, "Activation recompute: full (whole layers, keep only their inputs) or selective (the "
-              "attention core only).", choices=["full", "selective"])
+              "attention core only).", choices=["full", "selective"], group="activation recompute")
     recompute_method: str = opt(
         "uniform", "Full recompute: uniform (checkpoint groups of --recompute-num-layers layers) or "
                    "block (checkpoint only the first --recompute-num-layers layers of each stage).",
-        choices=["uniform", "block"])
+        choices=["uniform", "block"], group="activation recompute")
     recompute_num_layers: int = opt(
-        1, "Full recompute: layers per checkpointed group (uniform) or per stage (block).")
+        1, "Full recompute: layers per checkpointed group (uniform) or per stage (block).",
+        group="activation recompute")
     expert_model_parallel_size: int = opt(
         1, "Expert-parallel size: ranks that split each MoE layer's experts, exchanging tokens by "
            "all-to-all; carved out of the data-parallel ranks.")
@@ -276,27 +295,33 @@ class ParallelConfig:
 class OptimConfig:
     optimizer: str = opt("adam", "Optimizer: AdamW (decoupled weight decay) or Lion.",
                          choices=["adam", "lion"])
-    lr: float = opt(3e-4, "Peak learning rate.")
-    min_lr: float = opt(0.0, "Learning rate at the end of the decay.")
-    lr_warmup_iters: int = opt(0, "Iterations of linear warm-up from 0 to --lr.")
+    lr: float = opt(3e-4, "Peak learning rate.", group="learning-rate schedule")
+    min_lr: float = opt(0.0, "Learning rate at the end of the decay.", group="learning-rate schedule")
+    lr_warmup_iters: int = opt(0, "Iterations of linear warm-up from 0 to --lr.",
+                               group="learning-rate schedule")
     lr_decay_style: str = opt("cosine", "Decay after the warm-up.",
-                              choices=["constant", "linear", "cosine", "WSD"])
+                              choices=["constant", "linear", "cosine", "WSD"], group="learning-rate schedule")
     lr_decay_iters: Optional[int] = opt(None, "Iteration at which the decay reaches --min-lr "
-                                              "(default: --train-iters).")
+                                              "(default: --train-iters).", group="learning-rate schedule")
     lr_wsd_decay_iters: Optional[int] = opt(
-        None, "WSD: length of the final decay phase in iterations (default: 10%% of the decay span).")
+        None, "WSD: length of the final decay phase in iterations (default: 10%% of the decay span).",
+        group="learning-rate schedule")
     lr_wsd_decay_style: str = opt("linear", "WSD: shape of the final decay phase.",
-                                  choices=["linear", "cosine", "exponential", "minus_sqrt"])
+                                  choices=["linear", "cosine", "exponential", "minus_sqrt"],
+                                  group="learning-rate schedule")
     weight_decay: float = opt(0.01, "Decoupled weight decay (not applied to norms and biases).")
     adam_beta1: float = opt(0.9, "First moment coefficient (AdamW and Lion).")
     adam_beta2: float = opt(0.999, "Second moment coefficient (AdamW; Lion's momentum decay).")
     adam_eps: float = opt(1e-8, "AdamW epsilon.")
     clip_grad: float = opt(1.0, "Clip the global gradient L2 norm to this value (0 disables).")
-    loss_scale: Optional[float] = opt(None, "fp16: a static loss scale (default: dynamic).")
-    initial_loss_scale: float = opt(2.0 ** 32, "fp16: initial dynamic loss scale.")
-    min_loss_scale: float = opt(1.0, "fp16: the dynamic loss scale never goes below this.")
-    loss_scale_window: int = opt(1000, "fp16: steps without overflow before the scale doubles.")
-    hysteresis: int = opt(2, "fp16: overflows tolerated before the scale halves.")
+    loss_scale: Optional[float] = opt(None, "fp16: a static loss scale (default: dynamic).",
+                                      group="mixed precision")
+    initial_loss_scale: float = opt(2.0 ** 32, "fp16: initial dynamic loss scale.", group="mixed precision")
+    min_loss_scale: float = opt(1.0, "fp16: the dynamic loss scale never goes below this.",
+                                group="mixed precision")
+    loss_scale_window: int = opt(1000, "fp16: steps without overflow before the scale doubles.",
+                                 group="mixed precision")
+    hysteresis: int = opt(2, "fp16: overflows tolerated before the scale halves.", group="mixed precision")
 
 
 @dataclass
@@ -309,52 +334,61 @@ class TrainConfig:
     train_tokens: Optional[int] = opt(None, "Train until this many tokens are consumed "
                                             "(alternative to --train-iters).")
     seed: int = opt(1234, "Random seed for initialisation, dropout and data order.")
-    bf16: bool = opt(False, "bfloat16 mixed precision (autocast; fp32 master weights).")
-    fp16: bool = opt(False, "float16 mixed precision with dynamic loss scaling.")
-    save: Optional[str] = opt(None, "Directory to write checkpoints to.")
+    bf16: bool = opt(False, "bfloat16 mixed precision (autocast; fp32 master weights).",
+                     group="mixed precision")
+    fp16: bool = opt(False, "float16 mixed precision with dynamic loss scaling.", group="mixed precision")
+    save: Optional[str] = opt(None, "Directory to write checkpoints to.", metavar="DIR", group="checkpoints")
     load: Optional[str] = opt(
         None, "Checkpoint to start from: a --save directory (its latest checkpoint) or one iter_XXXXXXX "
               "directory. A directory without a checkpoint is an error, unless it is also --save (resuming "
-              "a run that may not have saved yet).")
-    save_interval: Optional[int] = opt(None, "Save a checkpoint every this many iterations.")
+              "a run that may not have saved yet).", metavar="DIR", group="checkpoints")
+    save_interval: Optional[int] = opt(None, "Save a checkpoint every this many iterations.",
+                                       group="checkpoints")
     load_fallback: bool = opt(
         False, "If the latest checkpoint is unreadable, resume from the newest readable one "
-               "instead of stopping.")
+               "instead of stopping.", group="checkpoints")
     verify_checkpoint: bool = opt(
         True, "Do not compare the checkpoint files read at --load with the checksums recorded when they were "
-              "saved (the check reads every file once more).", flag="--no-verify-checkpoint")
-    no_load_optim: bool = opt(False, "Load model weights only, not the optimizer state.")
-    no_load_rng: bool = opt(False, "Do not restore the random number generator states.")
+              "saved (the check reads every file once more).", flag="--no-verify-checkpoint",
+        group="checkpoints")
+    no_load_optim: bool = opt(False, "Load model weights only, not the optimizer state.", group="checkpoints")
+    no_load_rng: bool = opt(False, "Do not restore the random number generator states.", group="checkpoints")
     finetune: bool = opt(False, "Load weights only and start from iteration 0 "
-                                "(no optimizer, scheduler or data position).")
-    eval_interval: int = opt(1000, "Evaluate on the validation set every this many iterations.")
+                                "(no optimizer, scheduler or data position).", group="checkpoints")
+    eval_interval: int = opt(1000, "Evaluate on the validation set every this many iterations.",
+                             group="logging and evaluation")
     eval_iters: int = opt(100, "Validation iterations per evaluation, each over one global batch "
-                               "(--global-batch-size samples, whatever the parallel layout; 0 disables).")
-    log_interval: int = opt(100, "Print a log line every this many iterations.")
-    tensorboard_dir: Optional[str] = opt(None, "Write TensorBoard scalars here.")
+                               "(--global-batch-size samples, whatever the parallel layout; 0 disables).",
+                          group="logging and evaluation")
+    log_interval: int = opt(100, "Print a log line every this many iterations.", group="logging and evaluation")
+    tensorboard_dir: Optional[str] = opt(None, "Write TensorBoard scalars here.",
+                                         metavar="DIR", group="logging and evaluation")
     exit_interval: Optional[int] = opt(None, "Save (if --save) and exit at this iteration.")
     compile: bool = opt(False, "Compile the model with torch.compile.")
     device: str = opt("auto", "Device to train on (auto: cuda when available).",
                       choices=["auto", "cuda", "cpu"])
     peak_flops: Optional[float] = opt(
-        None, "Peak dense FLOP/s of one device for MFU (default: looked up from the device name).")
+        None, "Peak dense FLOP/s of one device for MFU (default: looked up from the device name).",
+        group="logging and evaluation")
 
 
 @dataclass
 class DataConfig:
-    data_path: list = opt([], "Dataset prefix(es), optionally weighted: --data-path 0.3 A 0.7 B.")
-    split: str = opt("969,30,1", "Train/valid/test proportions of each dataset.")
+    data_path: list = opt([], "Dataset prefix(es), optionally weighted: --data-path 0.3 A 0.7 B.",
+                          metavar="[WEIGHT] PREFIX")
+    split: str = opt("969,30,1", "Train/valid/test proportions of each dataset.", metavar="N,N,N")
     mock_data: bool = opt(False, "Train on a deterministic synthetic token stream (no files).")
     tokenizer_type: Optional[str] = opt(
         None, "Tokenizer: GPT2BPETokenizer, SentencePieceTokenizer, HuggingFaceTokenizer, MegaBPE "
-              "or NullTokenizer.")
+              "or NullTokenizer.", group="tokenizer")
     tokenizer_model: Optional[str] = opt(None, "Tokenizer file (tokenizer.json, tokenizer.model, "
-                                               "or a directory holding one).")
-    vocab_file: Optional[str] = opt(None, "GPT-2 vocab.json.")
-    merge_file: Optional[str] = opt(None, "GPT-2 merges.txt.")
-    vocab_size: Optional[int] = opt(None, "Vocabulary size for NullTokenizer / --mock-data.")
+                                               "or a directory holding one).",
+                                         metavar="PATH", group="tokenizer")
+    vocab_file: Optional[str] = opt(None, "GPT-2 vocab.json.", metavar="PATH", group="tokenizer")
+    merge_file: Optional[str] = opt(None, "GPT-2 merges.txt.", metavar="PATH", group="tokenizer")
+    vocab_size: Optional[int] = opt(None, "Vocabulary size for NullTokenizer / --mock-data.", group="tokenizer")
     data_cache_path: Optional[str] = opt(None, "Where to cache dataset indices "
-                                               "(default: next to the data).")
+                                               "(default: next to the data).", metavar="DIR")
     num_workers: int = opt(0, "DataLoader worker processes.")
 
 

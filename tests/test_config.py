@@ -1,13 +1,14 @@
 """Start-up validation: every bad flag combination stops with a message naming the flag."""
 
+import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from megalm.arguments import config_to_argv, parse_args
-from megalm.config import Config, ConfigError
+from megalm.arguments import build_parser, config_to_argv, parse_args
+from megalm.config import SECTIONS, Config, ConfigError
 
 BASE = ["--mock-data", "--vocab-size", "128", "--train-iters", "10"]
 
@@ -129,3 +130,120 @@ def test_cli_reports_config_errors_without_traceback():
     assert out.returncode == 2
     assert "error: --bf16 and --fp16 are mutually exclusive" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def help_text(monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", "1000")  # each flag's help on one line: a default is never split
+    return build_parser("Pre-train a GPT model.").format_help()
+
+
+def flag_help(text: str, flag: str) -> str:
+    """The help of `flag` in --help: from its line to the next flag or group."""
+    block = re.search(rf"^  {re.escape(flag)}\b.*?(?=^  -|^\S|\Z)", text, re.M | re.S)
+    assert block, f"{flag} is not in --help"
+    return block.group(0)
+
+
+def groups(text: str) -> dict:
+    """--help's groups: title -> the flags listed under it."""
+    titled = re.findall(r"^(\S[^\n]*):\n(.*?)(?=^\S|\Z)", text.split("\n\n", 1)[1], re.M | re.S)
+    return {title: re.findall(r"^  (?:-\w, )?(--[\w-]+)", body, re.M) for title, body in titled}
+
+
+def test_help_names_values_by_kind_not_by_section(monkeypatch):
+    """Megatron users read `--lr LR`, not `--lr OPTIM.LR`: a value is named N (int), X (float),
+    DIR / PATH, or by its choices."""
+    parser = build_parser()
+    for action in parser._actions:
+        metavar = str(action.metavar)
+        assert "." not in metavar and not any(s.upper() in metavar for s in SECTIONS), action.option_strings
+    text = help_text(monkeypatch)
+    for invocation in ("--lr X", "--num-layers N", "--moe-shared-expert-intermediate-size N", "--save DIR",
+                       "--load DIR", "--tokenizer-model PATH", "--split N,N,N", "--moe-layer-freq N|PATTERN",
+                       "--data-path [WEIGHT] PREFIX [[WEIGHT] PREFIX ...]", "--normalization {LayerNorm,RMSNorm}"):
+        assert f"  {invocation}" in text, invocation
+    assert not re.search(r"(MODEL|PARALLEL|OPTIM|TRAIN|DATA)\.", text)
+
+
+def test_help_states_each_default_once_and_never_none(monkeypatch):
+    text = help_text(monkeypatch)
+    assert "(default: None)" not in text and "(default: [])" not in text
+    assert all(line.count("default:") <= 1 for line in text.splitlines())
+    assert "(default: one per query head)." in flag_help(text, "--num-query-groups")
+    assert "(default: 12)" in flag_help(text, "--num-layers")
+    assert "(default: 969,30,1)" in flag_help(text, "--split")
+
+
+def test_switches_show_no_default(monkeypatch):
+    """`--disable-bias-linear ... (default: True)` read as if biases were off by default: a switch's
+    help says what it does, and no default is printed for it."""
+    text = help_text(monkeypatch)
+    for flag in ("--disable-bias-linear", "--no-overlap-grad-reduce", "--no-verify-checkpoint"):
+        assert "default" not in flag_help(text, flag), flag
+    switches = [a for a in build_parser()._actions if a.nargs == 0 and a.option_strings != ["-h", "--help"]]
+    assert len(switches) > 10
+    for action in switches:
+        assert "(default" not in flag_help(text, action.option_strings[0]), action.option_strings
+
+
+def test_negated_flags_switch_their_field_off():
+    config, _ = parse_args(["--no-verify-checkpoint", "--no-overlap-grad-reduce"])
+    assert config.train.verify_checkpoint is False and config.parallel.overlap_grad_reduce is False
+    assert config.model.add_bias_linear is True
+
+
+def test_planner_help_shows_no_empty_defaults():
+    """tools/parallel_plan.py builds on the same parser with its own help formatter."""
+    out = subprocess.run([sys.executable, "tools/parallel_plan.py", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "1000"})
+    assert out.returncode == 0, out.stderr
+    assert "(default: None)" not in out.stdout
+    assert "default" not in flag_help(out.stdout, "--disable-bias-linear")
+    assert "  --lr X " in out.stdout
+
+
+def test_help_groups_flags_by_concern(monkeypatch):
+    found = groups(help_text(monkeypatch))
+    moe = {a.option_strings[0] for a in build_parser()._actions
+           if a.option_strings[0].startswith("--moe-")} | {"--num-experts", "--first-k-dense-replace"}
+    assert moe <= set(found["mixture of experts"])
+    assert found["kernels"] == ["--attention-backend", "--normalization-backend", "--cross-entropy-fusion"]
+    assert {"--bf16", "--fp16", "--loss-scale", "--initial-loss-scale"} <= set(found["mixed precision"])
+    assert {"--save", "--load", "--save-interval", "--finetune", "--no-verify-checkpoint"} <= set(found["checkpoints"])
+    assert {"--lr", "--min-lr", "--lr-warmup-iters", "--lr-decay-style"} <= set(found["learning-rate schedule"])
+    assert {"--micro-batch-size", "--train-iters", "--seed", "--device", "--compile"} <= set(found["training"])
+    # A field that names no group is under its dataclass's usual one.
+    assert "--swiglu" in found["architecture"] and "--tensor-model-parallel-size" in found["parallelism"]
+    assert not {"model", "parallel", "optim", "train"} & set(found)
+
+
+def test_every_flag_is_in_help_exactly_once(monkeypatch):
+    text = help_text(monkeypatch)
+    listed = [flag for flags in groups(text).values() for flag in flags]
+    flags = [a.option_strings[-1] for a in build_parser()._actions]
+    assert sorted(listed) == sorted(flags) and len(set(listed)) == len(listed)
+    usage = text.split("\n\n", 1)[0]
+    assert all(len(re.findall(rf"\[{re.escape(flag)}[\] ]", usage)) == 1 for flag in flags if flag != "--help")
+
+
+def test_percent_in_help_renders(monkeypatch):
+    text = help_text(monkeypatch)
+    assert "(layer i with i % freq == 0)" in text and "(default: 10% of the decay span)" in text
+    assert "%%" not in text
+
+
+def test_defaults_come_from_the_dataclasses():
+    """argparse holds no default of its own: no flags give exactly the dataclasses' defaults."""
+    config, ns = parse_args([])
+    assert config == Config() and not vars(ns)
+    assert config.data.data_path == [] and config.data.data_path is not Config().data.data_path
+
+
+def test_round_trip_of_every_kind_of_flag():
+    flags = BASE + ["--tokenizer-type", "NullTokenizer", "--data-cache-path", "/tmp/x", "--swiglu",
+                    "--num-experts", "4", "--moe-layer-freq", "([0]+[1]*3)*3", "--lr", "1e-3",
+                    "--position-embedding-type", "rope", "--no-verify-checkpoint", "--no-overlap-grad-reduce",
+                    "--disable-bias-linear"]
+    config = check(flags)
+    again, _ = parse_args(config_to_argv(config))
+    assert again == config and again.model.moe_layer_freq == [0, 1, 1, 1] * 3
