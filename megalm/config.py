@@ -39,6 +39,10 @@ class ConfigError(ValueError):
     """A flag, or a combination of flags, that cannot work. The message names the flag."""
 
 
+# The --tokenizer-type names, Megatron-LM's and our own MegaBPE; megalm.data.tokenizer builds each.
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "MegaBPE",
+                   "NullTokenizer")
+
 _MAX_PATTERN = 1_000_000
 
 
@@ -379,8 +383,10 @@ class DataConfig:
     split: str = opt("969,30,1", "Train/valid/test proportions of each dataset.", metavar="N,N,N")
     mock_data: bool = opt(False, "Train on a deterministic synthetic token stream (no files).")
     tokenizer_type: Optional[str] = opt(
-        None, "Tokenizer: GPT2BPETokenizer, SentencePieceTokenizer, HuggingFaceTokenizer, MegaBPE "
-              "or NullTokenizer.", group="tokenizer")
+        None, "The tokenizer tools/preprocess_data.py used: GPT2BPETokenizer needs --vocab-file and "
+              "--merge-file; SentencePieceTokenizer, HuggingFaceTokenizer and MegaBPE (ours) --tokenizer-model; "
+              "NullTokenizer (the data is token ids) --vocab-size.",
+        choices=TOKENIZER_TYPES, group="tokenizer")
     tokenizer_model: Optional[str] = opt(None, "Tokenizer file (tokenizer.json, tokenizer.model, "
                                                "or a directory holding one).",
                                          metavar="PATH", group="tokenizer")

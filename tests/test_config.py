@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from megalm.arguments import build_parser, config_to_argv, parse_args
-from megalm.config import SECTIONS, Config, ConfigError
+from megalm.config import SECTIONS, TOKENIZER_TYPES, Config, ConfigError
 
 BASE = ["--mock-data", "--vocab-size", "128", "--train-iters", "10"]
 
@@ -200,6 +200,23 @@ def test_planner_help_shows_no_empty_defaults():
     assert "(default: None)" not in out.stdout
     assert "default" not in flag_help(out.stdout, "--disable-bias-linear")
     assert "  --lr X " in out.stdout
+
+
+def test_tokenizer_type_is_one_of_the_tokenizers(monkeypatch):
+    with pytest.raises(ConfigError) as e:
+        parse_args(BASE + ["--tokenizer-type", "Bogus"])
+    assert "--tokenizer-type" in str(e.value) and "'Bogus'" in str(e.value)
+    assert all(name in str(e.value) for name in TOKENIZER_TYPES)
+    assert "--tokenizer-type {" + ",".join(TOKENIZER_TYPES) + "}" in help_text(monkeypatch)
+    config, _ = parse_args(BASE + ["--tokenizer-type", "NullTokenizer"])
+    assert config.data.tokenizer_type == "NullTokenizer"
+
+
+def test_text_flags_with_fixed_values_have_choices():
+    """A text flag takes a path, a pattern or one of its choices; none lists its values in prose only."""
+    free = {a.option_strings[0] for a in build_parser()._actions
+            if a.type is str and a.choices is None and a.metavar not in ("DIR", "PATH")}
+    assert free == {"--split"}
 
 
 def test_help_groups_flags_by_concern(monkeypatch):

@@ -17,11 +17,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from megalm.config import TOKENIZER_TYPES
 from megalm.data.errors import DataError
 from megalm.data.tokenizer.base import Tokenizer
-
-TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "MegaBPE",
-                   "NullTokenizer")
 
 __all__ = ["TOKENIZER_TYPES", "Tokenizer", "build_tokenizer", "load_tokenizer"]
 
