@@ -43,3 +43,19 @@ def test_torchrun_two_ranks_reproduce_single_process_loss():
     for a, b in zip(single, double):
         assert a == pytest.approx(b, rel=2e-5)
     assert double[-1] < double[0]
+
+
+def validation_losses(output: str) -> list:
+    return [float(x) for x in re.findall(r"^validation at iteration \d+ \| loss ([\d.]+)", output, re.M)]
+
+
+@pytest.mark.slow
+def test_validation_loss_does_not_depend_on_the_data_parallel_size():
+    """An evaluation reads --eval-iters global batches, so one process with 4 accumulation steps and
+    two ranks with 2 read the same samples (it used to be eval-iters x micro batch x DP samples)."""
+    flags = ["--micro-batch-size", "2", "--eval-iters", "2", "--eval-interval", "3"]
+    single = validation_losses(launch(1, *flags))
+    double = validation_losses(launch(2, *flags))
+    assert len(single) == len(double) == 2  # at iteration 3 and after the last
+    for a, b in zip(single, double):
+        assert a == pytest.approx(b, rel=2e-5)
