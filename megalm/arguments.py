@@ -116,8 +116,9 @@ def _argument(section: str, f: dataclasses.Field) -> dict:
 
 def build_parser(description: str = "megalm", extra: Optional[callable] = None) -> argparse.ArgumentParser:
     """The parser for all config sections. `extra(parser)` may add tool-specific flags."""
+    # The usage line would list every flag (~60 lines); the groups below say it better.
     parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                     allow_abbrev=False)
+                     allow_abbrev=False, usage="%(prog)s [FLAGS]")
     groups = {}  # in the order of their first flag
     for section, klass in SECTIONS.items():
         for f in _flag_fields(klass):

@@ -239,8 +239,7 @@ def test_every_flag_is_in_help_exactly_once(monkeypatch):
     listed = [flag for flags in groups(text).values() for flag in flags]
     flags = [a.option_strings[-1] for a in build_parser()._actions]
     assert sorted(listed) == sorted(flags) and len(set(listed)) == len(listed)
-    usage = text.split("\n\n", 1)[0]
-    assert all(len(re.findall(rf"\[{re.escape(flag)}[\] ]", usage)) == 1 for flag in flags if flag != "--help")
+    assert re.fullmatch(r"usage: \S+ \[FLAGS\]", text.split("\n\n", 1)[0])  # the groups list them, once
 
 
 def test_percent_in_help_renders(monkeypatch):

@@ -368,8 +368,9 @@ examples:
 formulas: docs/PARALLELISM.md (Planning)"""
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's paragraphs and shows defaults."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's paragraphs; each help text states its own default, as the training
+    flags' do."""
 
 
 def _planner_flags(parser) -> None:
@@ -378,14 +379,16 @@ def _planner_flags(parser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = _HelpFormatter
     group = parser.add_argument_group("planner: the cluster")
-    group.add_argument("--world-size", type=int, default=8, help="GPUs in the job.")
-    group.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node.")
-    group.add_argument("--gpu-memory-gb", type=float, default=80.0, help="Memory of one GPU, GiB.")
-    group.add_argument("--intra-node-gb-per-s", type=float, default=300.0, help="NVLink bandwidth per GPU, GB/s.")
-    group.add_argument("--inter-node-gb-per-s", type=float, default=25.0, help="Network bandwidth per GPU, GB/s.")
-    group.add_argument("--gpu-tflops", type=float, default=400.0,
+    group.add_argument("--world-size", type=int, metavar="N", default=8, help="GPUs in the job. (default: 8)")
+    group.add_argument("--gpus-per-node", type=int, metavar="N", default=8, help="GPUs per node. (default: 8)")
+    group.add_argument("--gpu-memory-gb", type=float, metavar="X", default=80.0, help="Memory of one GPU, GiB. (default: 80)")
+    group.add_argument("--intra-node-gb-per-s", type=float, metavar="X", default=300.0,
+                       help="NVLink bandwidth per GPU, GB/s. (default: 300)")
+    group.add_argument("--inter-node-gb-per-s", type=float, metavar="X", default=25.0,
+                       help="Network bandwidth per GPU, GB/s. (default: 25)")
+    group.add_argument("--gpu-tflops", type=float, metavar="X", default=400.0,
                        help="Dense TFLOP/s one GPU achieves in training, not its peak (H100 bf16: ~400 of "
-                            "989; A100 bf16: ~150 of 312; give your own for fp32); sets the step time.")
+                            "989; A100 bf16: ~150 of 312; give your own for fp32); sets the step time. (default: 400)")
     group.add_argument("--search", action="store_true",
                        help="Try every TP x PP (x EP for an MoE model) layout for --world-size, rank them by "
                             "estimated step time and print the flags of the fastest that fits.")
