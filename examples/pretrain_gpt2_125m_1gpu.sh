@@ -18,6 +18,6 @@ python pretrain_gpt.py \
     --lr 6e-4 --min-lr 6e-5 --lr-warmup-iters 2000 --lr-decay-style cosine \
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 \
     --bf16 --compile \
-    --log-interval 10 --eval-interval 1000 --eval-iters 100 \
+    --log-interval 10 --eval-interval 1000 --eval-iters 4 \
     --save checkpoints/gpt2_125m --load checkpoints/gpt2_125m --save-interval 1000 \
     --tensorboard-dir runs/gpt2_125m "$@"

@@ -22,6 +22,6 @@ torchrun --nproc-per-node 8 pretrain_gpt.py \
     --lr 4e-4 --min-lr 4e-5 --lr-warmup-iters 2000 --lr-decay-style cosine \
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 \
     --bf16 \
-    --log-interval 10 --eval-interval 2000 --eval-iters 50 \
+    --log-interval 10 --eval-interval 2000 --eval-iters 1 \
     --save checkpoints/llama_1b_tp2_pp2 --load checkpoints/llama_1b_tp2_pp2 --save-interval 1000 \
     --tensorboard-dir runs/llama_1b_tp2_pp2 "$@"

@@ -42,5 +42,5 @@ fi
     --micro-batch-size 4 --global-batch-size 256 --train-iters 20000 \
     --lr 4.2e-4 --min-lr 4.2e-5 --lr-warmup-iters 500 --lr-decay-style cosine \
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 \
-    --bf16 --log-interval 10 --eval-interval 1000 --eval-iters 20 \
+    --bf16 --log-interval 10 --eval-interval 1000 --eval-iters 2 \
     --tensorboard-dir runs/moe_small "$@"

@@ -27,6 +27,6 @@ torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
     --micro-batch-size 1 --global-batch-size 256 --train-iters 50000 \
     --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 2000 --lr-decay-style cosine \
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16 \
-    --log-interval 10 --eval-interval 1000 --eval-iters 20 \
+    --log-interval 10 --eval-interval 1000 --eval-iters 2 \
     --save checkpoints/llama_8b --load checkpoints/llama_8b --save-interval 500 \
     --tensorboard-dir runs/llama_8b "$@"

@@ -10,5 +10,5 @@ python pretrain_gpt.py \
     --attention-dropout 0 --hidden-dropout 0 \
     --micro-batch-size 8 --global-batch-size 32 --train-iters 200 \
     --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 20 --lr-decay-style cosine --weight-decay 0.1 \
-    --log-interval 20 --eval-interval 100 --eval-iters 5 \
+    --log-interval 20 --eval-interval 100 --eval-iters 2 \
     --save checkpoints/tiny_cpu --save-interval 100 "$@"
