@@ -4,8 +4,9 @@
 #
 #   raw text -> clean -> train a BPE tokenizer -> tokenize into .bin/.idx -> pre-train -> sample
 #
-# Everything is written under quickstart_out/ (OUT=... to change it). Extra arguments go to
-# pretrain_gpt.py, e.g. `bash examples/quickstart.sh --train-iters 50`.
+# Everything is written under quickstart_out/ (OUT=... to change it); the end lists what is where and
+# the commands to go on with. Extra arguments go to pretrain_gpt.py, e.g.
+# `bash examples/quickstart.sh --train-iters 50`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-quickstart_out}
@@ -13,8 +14,8 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 step() { printf '\n==> %s\n' "$*"; }
 
-step "1/6 corpus: the Python standard library's sources as jsonl"
-$PYTHON tools/make_stdlib_corpus.py --output "$OUT/raw.jsonl" --max-mb 12
+step "1/6 corpus: the Python standard library's sources as jsonl, and the text after them held out"
+$PYTHON tools/make_stdlib_corpus.py --output "$OUT/raw.jsonl" --max-mb 12 --held-out "$OUT/heldout.txt"
 
 step "2/6 clean: normalise, drop exact and near duplicates (code is not prose: quality rules off)"
 $PYTHON tools/clean_corpus.py --input "$OUT/raw.jsonl" --output "$OUT/clean.jsonl" \
@@ -45,3 +46,20 @@ $PYTHON pretrain_gpt.py \
 step "6/6 sample from the model"
 $PYTHON tools/generate.py --load "$OUT/checkpoints" --prompt "def " --max-new-tokens 120 \
     --temperature 0.7 --top-k 40 --seed 0
+
+cat <<EOF
+
+==> done. Everything is under $OUT/:
+  corpus       $OUT/raw.jsonl, cleaned: $OUT/clean.jsonl
+  held-out     $OUT/heldout.txt (text that follows the corpus, not trained on)
+  tokenizer    $OUT/tokenizer/
+  dataset      $OUT/stdlib_text_document.bin and .idx
+  checkpoints  $OUT/checkpoints/
+  tensorboard  $OUT/tensorboard/
+
+Next, from $(pwd):
+  $PYTHON tools/generate.py --load $OUT/checkpoints --prompt "def parse_args(" --max-new-tokens 200 --temperature 0.8 --top-k 40
+  $PYTHON tools/evaluate.py --load $OUT/checkpoints --task perplexity --input $OUT/heldout.txt
+  $PYTHON tools/convert_checkpoint.py --loader megalm --saver hf --load-dir $OUT/checkpoints --save-dir $OUT/hf_model
+  tensorboard --logdir $OUT/tensorboard
+EOF
