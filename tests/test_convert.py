@@ -14,8 +14,8 @@ import warnings
 import pytest
 import torch
 
-from megalm.convert import ConversionError, hf_to_megalm, megalm_to_hf
 from megalm.checkpoint import checkpoint_config, open_checkpoint
+from megalm.convert import ConversionError, hf_to_megalm, megalm_to_hf
 from megalm.model import GPTModel
 
 transformers = pytest.importorskip("transformers", reason="conversion tests compare with transformers")
@@ -220,6 +220,7 @@ def test_tokenizer_files_travel_both_ways(tmp_path):
 
 
 def test_checkpoint_tokenizer_is_found_after_the_original_moves(tmp_path):
+    from megalm.checkpoint import checkpoint_tokenizer, save_checkpoint
     from megalm.config import Config, DataConfig, ModelConfig
     tok_dir = str(tmp_path / "tok")
     write_tokenizer(tok_dir, vocab_size=300)
@@ -229,11 +230,9 @@ def test_checkpoint_tokenizer_is_found_after_the_original_moves(tmp_path):
     save_checkpoint(str(tmp_path / "ckpt"), 3, GPTModel(config.model), config)
     os.rename(tok_dir, str(tmp_path / "moved"))
     loaded = checkpoint_config(open_checkpoint(str(tmp_path / "ckpt")))
-    assert isinstance(loaded, Config) and build_tokenizer(loaded).vocab_size == 300
+    assert isinstance(loaded, Config) and checkpoint_tokenizer(loaded).vocab_size == 300
     megalm_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), **quiet())  # a megalm-trained model exports
     assert json.load(open(tmp_path / "out" / "config.json"))["vocab_size"] == 300
-    from megalm.checkpoint import checkpoint_tokenizer as build_tokenizer
-    from megalm.checkpoint import save_checkpoint
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out")).eos_token == "<|endoftext|>"
 
 
