@@ -106,9 +106,11 @@ def write_text_atomic(path: str, text: str) -> None:
 def checksum(path: str) -> str:
     """The file's xxHash3-64 as 16 hex digits."""
     h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
+    buffer = bytearray(min(_CHUNK, max(os.path.getsize(path), 1)))  # reused: a fresh block per read page-faults
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
         while True:
-            block = f.read(_CHUNK)
-            if not block:
+            n = f.readinto(buffer)
+            if not n:
                 return h.hexdigest()
-            h.update(block)
+            h.update(view[:n])
