@@ -40,7 +40,7 @@ $PYTHON pretrain_gpt.py \
     --attention-dropout 0 --hidden-dropout 0 \
     --micro-batch-size 16 --global-batch-size 32 --train-iters 150 \
     --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 15 --lr-decay-style cosine --weight-decay 0.1 \
-    --adam-beta2 0.95 --log-interval 10 --eval-interval 75 --eval-iters 5 \
+    --adam-beta2 0.95 --log-interval 10 --eval-interval 75 --eval-iters 3 \
     --save "$OUT/checkpoints" --tensorboard-dir "$OUT/tensorboard" "$@"
 
 step "6/6 sample from the model"

@@ -236,3 +236,15 @@ def test_cli_says_why_generation_stopped(text_checkpoint):
     assert reason(*one, "--stop", free[0].text.strip()[0]) == "(stopped: found a --stop string)"
     assert reason(*one, "--prompt", prompts[1], "--stop-token-id", str(stop_id)) == (
         "(stopped: prompt 0: end of text or a --stop-token-id; prompt 1: reached --max-new-tokens 6)")
+
+
+def test_cli_warns_in_one_line_past_a_rope_models_positions(text_checkpoint):
+    lm = load_model(text_checkpoint, device="cpu")
+    positions = lm.config.model.max_positions
+    assert lm.config.model.position_embedding_type == "rope"
+    r = _cli("--load", text_checkpoint, "--prompt", "def wrap(text", "--max-new-tokens", str(positions + 4),
+             "--greedy")
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and f"trained with {positions} positions" in warnings[0], r.stderr
+    assert "UserWarning" not in r.stderr

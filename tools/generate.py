@@ -13,6 +13,7 @@ checkpoint without a tokenizer reads and writes space-separated token ids.
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -60,6 +61,8 @@ def stopped(results, args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # A library warning (a prompt past a RoPE model's trained context) is one line, like an error.
+    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
     try:
         prompts = list(args.prompt)
         if args.prompt_file:

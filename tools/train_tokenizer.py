@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megalm.data.cli import run  # noqa: E402
+from megalm.data.cli import ArgumentParser, run  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="jsonl / text / parquet files.")
     parser.add_argument("--vocab-size", type=int, required=True, help="Tokens in all, special tokens included.")
