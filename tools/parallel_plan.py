@@ -36,14 +36,13 @@ import argparse
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megalm.arguments import parse_args  # noqa: E402
 from megalm.config import Config, ConfigError, pad_vocab_size  # noqa: E402
 from megalm.data.errors import DataError  # noqa: E402
-from megalm.data.tokenizer import build_tokenizer  # noqa: E402
+from megalm.data.tokenizer import vocabulary_size  # noqa: E402
 
 GB = 2 ** 30
 
@@ -210,10 +209,10 @@ def estimate(c: Config, cluster: Cluster, vocab: int) -> dict:
 
 
 def model_flops_per_token(c: Config, padded_vocab: int) -> float:
-    """Training FLOPs per token, counted by the model's own formula (`GPTModel.flops_per_token`,
-    which reads only its config, so no model is built)."""
-    from megalm.model.gpt import GPTModel  # loads torch: only once a plan is computed, not for --help
-    return GPTModel.flops_per_token(SimpleNamespace(config=replace(c.model, padded_vocab_size=padded_vocab)))
+    """Training FLOPs per token, counted by the model's own formula (`megalm.model.gpt.flops_per_token`,
+    which reads only the config, so no model is built)."""
+    from megalm.model.gpt import flops_per_token  # loads torch: only once a plan is computed, not for --help
+    return flops_per_token(replace(c.model, padded_vocab_size=padded_vocab))
 
 
 def step_time(plan: dict) -> dict:
@@ -337,15 +336,14 @@ def layout_flags(plan: dict, moe: bool) -> str:
     return flags + (f" --expert-model-parallel-size {plan['ep']}" if moe else "")
 
 
-def vocabulary_size(data) -> int:
-    """The tokenizer's vocabulary size: --vocab-size, or read from the tokenizer's files."""
-    if data.vocab_size:
-        return data.vocab_size
-    if data.tokenizer_type in (None, "NullTokenizer"):
+def planned_vocabulary_size(data) -> int:
+    """The tokenizer's vocabulary size, as training finds it (megalm.data.tokenizer.vocabulary_size)."""
+    size = vocabulary_size(data)
+    if not size:
         raise ConfigError("the planner needs the vocabulary: give --vocab-size N (the tokenizer's vocabulary "
                           "size, e.g. 128256 for Llama 3), or --tokenizer-type with --tokenizer-model "
                           "(or --vocab-file and --merge-file) to read it from the tokenizer")
-    return build_tokenizer(data).vocab_size
+    return size
 
 
 DESCRIPTION = """\
@@ -401,7 +399,7 @@ def _planner_flags(parser) -> None:
 def main(argv=None) -> int:
     try:
         config, ns = parse_args(argv, extra=_planner_flags, description=DESCRIPTION)
-        vocab = vocabulary_size(config.data)
+        vocab = planned_vocabulary_size(config.data)
         cluster = Cluster(ns.world_size, ns.gpus_per_node, ns.gpu_memory_gb, ns.intra_node_gb_per_s,
                           ns.inter_node_gb_per_s, ns.gpu_tflops)
         par = config.parallel
@@ -428,14 +426,15 @@ def main(argv=None) -> int:
         if ns.search and not config.train.global_batch_size:
             print("no --global-batch-size: a step holds --micro-batch-size x DP sequences, so compare tokens/s")
         print(HEADER)
-        for plan in ranked(plans, cluster):
+        plans = ranked(plans, cluster)
+        for plan in plans:
             print(_row(plan, cluster))
         for line in rejected:
             print(line)
         if ns.search:
             if not plans:
                 raise ConfigError(f"no layout of {cluster.world_size} GPUs can run this model: " + "; ".join(reasons))
-            best = next((e for e in ranked(plans, cluster) if fits(e, cluster)), None)
+            best = next((e for e in plans if fits(e, cluster)), None)
             if best is None:
                 raise ConfigError(f"no layout of {cluster.world_size} GPUs fits in {cluster.gpu_memory_gb:g} GiB "
                                   f"per GPU; save memory (--recompute-granularity selective or full, "

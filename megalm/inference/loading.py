@@ -49,8 +49,10 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
 
 
 def true_vocab_size(config: Config, tokenizer, recorded: Optional[int] = None) -> int:
-    return (recorded or (tokenizer.vocab_size if tokenizer is not None else None) or config.data.vocab_size
-            or config.model.padded_vocab_size)
+    """The vocabulary before padding: recorded by the converter or by training (ModelConfig.vocab_size),
+    else the tokenizer's or --vocab-size; the padded size when nothing says."""
+    return (recorded or config.model.vocab_size or (tokenizer.vocab_size if tokenizer is not None else None)
+            or config.data.vocab_size or config.model.padded_vocab_size)
 
 
 def load_model(path: str, device=None, dtype: Optional[str] = None) -> LoadedModel:

@@ -294,23 +294,27 @@ class GPTModel(nn.Module):
         return n
 
     def flops_per_token(self, seq_length: Optional[int] = None) -> float:
-        """Training FLOPs (forward + backward = 3 x forward) per token, matmuls only.
+        """Training FLOPs per token of this model (`flops_per_token` below)."""
+        return flops_per_token(self.config, seq_length)
 
-        Per layer, forward: 2 h (q + 2 kv) d for the qkv projection, 2 nq d h for the output
-        projection, 2 s nq d each for Q K^T and A V (the full s x s, as Megatron-LM and nanoGPT
-        count it, so the MFU figures are comparable), and 2 h f (x3 with SwiGLU, x2 with GELU) for
-        the MLP; plus 2 h V for the output layer. An MoE layer counts its router (2 h E), the k
-        experts each token visits and the shared experts instead of the MLP.
-        """
-        c = self.config
-        s = seq_length or c.seq_length
-        d, nq, g, h = c.head_dim, c.num_attention_heads, c.query_groups, c.hidden_size
-        per_layer = (2 * h * (nq + 2 * g) * d + 2 * nq * d * h + 4 * s * nq * d
-                     + 2 * h * c.ffn_size * (3 if c.swiglu else 2))
-        moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
-        if moe_layers:
-            moe = 2 * h * (c.num_experts + 3 * c.moe_ffn_size * c.moe_router_topk
-                           + 3 * (c.moe_shared_expert_intermediate_size or 0))
-            per_layer_moe = moe - 2 * h * c.ffn_size * 3
-            return 3.0 * (c.num_layers * per_layer + moe_layers * per_layer_moe + 2 * h * c.padded_vocab_size)
-        return 3.0 * (c.num_layers * per_layer + 2 * h * c.padded_vocab_size)
+
+def flops_per_token(c: ModelConfig, seq_length: Optional[int] = None) -> float:
+    """Training FLOPs (forward + backward = 3 x forward) per token, matmuls only.
+
+    Per layer, forward: 2 h (q + 2 kv) d for the qkv projection, 2 nq d h for the output
+    projection, 2 s nq d each for Q K^T and A V (the full s x s, as Megatron-LM and nanoGPT
+    count it, so the MFU figures are comparable), and 2 h f (x3 with SwiGLU, x2 with GELU) for
+    the MLP; plus 2 h V for the output layer. An MoE layer counts its router (2 h E), the k
+    experts each token visits and the shared experts instead of the MLP.
+    """
+    s = seq_length or c.seq_length
+    d, nq, g, h = c.head_dim, c.num_attention_heads, c.query_groups, c.hidden_size
+    per_layer = (2 * h * (nq + 2 * g) * d + 2 * nq * d * h + 4 * s * nq * d
+                 + 2 * h * c.ffn_size * (3 if c.swiglu else 2))
+    moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
+    if moe_layers:
+        moe = 2 * h * (c.num_experts + 3 * c.moe_ffn_size * c.moe_router_topk
+                       + 3 * (c.moe_shared_expert_intermediate_size or 0))
+        per_layer_moe = moe - 2 * h * c.ffn_size * 3
+        return 3.0 * (c.num_layers * per_layer + moe_layers * per_layer_moe + 2 * h * c.padded_vocab_size)
+    return 3.0 * (c.num_layers * per_layer + 2 * h * c.padded_vocab_size)

@@ -21,7 +21,7 @@ from megalm.config import TOKENIZER_TYPES
 from megalm.data.errors import DataError
 from megalm.data.tokenizer.base import Tokenizer
 
-__all__ = ["TOKENIZER_TYPES", "Tokenizer", "build_tokenizer", "load_tokenizer"]
+__all__ = ["TOKENIZER_TYPES", "Tokenizer", "build_tokenizer", "load_tokenizer", "vocabulary_size"]
 
 
 def build_tokenizer(data_config) -> Tokenizer:
@@ -30,6 +30,14 @@ def build_tokenizer(data_config) -> Tokenizer:
     return load_tokenizer(data_config.tokenizer_type, tokenizer_model=data_config.tokenizer_model,
                           vocab_file=data_config.vocab_file, merge_file=data_config.merge_file,
                           vocab_size=data_config.vocab_size)
+
+
+def vocabulary_size(data_config) -> Optional[int]:
+    """The size of the vocabulary a `DataConfig` describes: the tokenizer's, or --vocab-size when the
+    ids are given directly (NullTokenizer, or no tokenizer with --mock-data); None if not given."""
+    if data_config.tokenizer_type in (None, "NullTokenizer"):
+        return data_config.vocab_size
+    return build_tokenizer(data_config).vocab_size
 
 
 def load_tokenizer(tokenizer_type: Optional[str], tokenizer_model: Optional[str] = None,
