@@ -34,7 +34,7 @@ def datasets_provider(config: Config, num_samples):
     """(train, valid, test) datasets of samples with seq_length + 1 tokens."""
     if config.data.mock_data:
         from megalm.data.mock import MockGPTDataset
-        vocab = config.model.padded_vocab_size if config.data.vocab_size is None else config.data.vocab_size
+        vocab = config.model.vocab_size or config.model.padded_vocab_size  # ids the tokenizer can produce
         # The three splits are distinct streams drawn from the same chain.
         return tuple(MockGPTDataset(vocab, config.model.seq_length, max(n, 1), config.train.seed,
                                     stream=split) if n > 0 else None
@@ -46,12 +46,8 @@ def datasets_provider(config: Config, num_samples):
 
 def set_vocabulary(config: Config) -> None:
     """Pad the tokenizer's vocabulary for the model (Megatron's --make-vocab-size-divisible-by)."""
-    if config.data.tokenizer_type in (None, "NullTokenizer"):
-        # Token ids are given directly (mock data): the vocabulary is --vocab-size.
-        vocab_size = config.data.vocab_size
-    else:
-        from megalm.data.tokenizer import build_tokenizer
-        vocab_size = build_tokenizer(config.data).vocab_size
+    from megalm.data.tokenizer import vocabulary_size
+    vocab_size = vocabulary_size(config.data)
     config.model.vocab_size = vocab_size
     config.model.padded_vocab_size = pad_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by,
                                                     config.parallel.tensor_model_parallel_size)
@@ -63,7 +59,7 @@ def main(argv=None) -> int:
         config.validate()  # fail fast, before any process group or tokenizer exists
         set_vocabulary(config)
         pretrain(config, model_provider, datasets_provider, gpt_forward_step)
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, TrainingError, OSError, ValueError) as e:  # OSError: a path at fault
         return report_error(str(e))
     return 0
 

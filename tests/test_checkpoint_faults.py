@@ -178,6 +178,33 @@ def test_flipped_bytes_are_caught_by_the_checksum(tmp_path, name):
         assert run(tiny_config("--train-iters", "4", "--load", save, "--no-verify-checkpoint")).iteration == 4
 
 
+def torchrun(*flags, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *TINY_CLI[2:], "--distributed-timeout-minutes", "2", *flags],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_shard_corrupt_on_one_rank_stops_every_rank_or_all_fall_back_together(tmp_path):
+    """Each rank verifies only the shard it reads, so a flipped byte in tensor-parallel rank 1's
+    weights fails there alone: every rank must stop (not wait in the next collective), and with
+    --load-fallback every rank must resume from the same earlier checkpoint."""
+    save = str(tmp_path / "ckpt")
+    tp2 = ["--tensor-model-parallel-size", "2"]
+    first = torchrun(*tp2, "--train-iters", "4", "--save", save, "--save-interval", "2")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    flip_bytes_inside(os.path.join(ckpt.iteration_dir(save, 4), "mp_rank_01_000", "model.safetensors"))
+    stopped = torchrun(*tp2, "--train-iters", "6", "--load", save)
+    assert stopped.returncode != 0
+    assert "error: rank 1: " in stopped.stderr  # printed by rank 0, with the failing rank named
+    assert "mp_rank_01_000/model.safetensors is corrupt: its checksum does not match" in stopped.stderr
+    fallback = torchrun(*tp2, "--train-iters", "6", "--load", save, "--save", save, "--load-fallback")
+    assert fallback.returncode == 0, fallback.stdout[-2000:] + fallback.stderr[-3000:]
+    assert f"resumed from {ckpt.iteration_dir(save, 2)} at iteration 2" in fallback.stdout
+    assert re.search(r"^iter 6/6 ", fallback.stdout, re.M)
+
+
 def test_metadata_without_its_file_list_is_named(tmp_path):
     save = str(tmp_path / "ckpt")
     run(tiny_config("--train-iters", "2", "--save", save))

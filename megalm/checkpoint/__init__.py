@@ -63,6 +63,7 @@ from megalm.checkpoint.format import (
     read_checkpoint,
     read_metadata,
     shard_dir,
+    shard_rel,
 )
 from megalm.checkpoint.lock import SaveDirLock
 from megalm.checkpoint.merge import (
@@ -84,5 +85,5 @@ __all__ = [
     "checkpoint_dir", "checkpoint_tokenizer", "expert_names", "find_checkpoint", "is_checkpoint_dir",
     "iteration_dir", "latest_iteration", "layout_sizes", "list_checkpoints", "merge", "meta_chunks",
     "meta_model", "open_checkpoint", "partition_specs", "read_checkpoint", "read_metadata", "rng_state",
-    "save_checkpoint", "save_safetensors", "save_weights", "set_rng_state", "shard_dir",
+    "save_checkpoint", "save_safetensors", "save_weights", "set_rng_state", "shard_dir", "shard_rel",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import shutil
 from typing import Callable
 
@@ -94,6 +95,19 @@ def save_safetensors(tensors: dict, path: str, metadata: dict = None) -> None:
             os.remove(path)
         raise write_error(path, e) from e
     honour_umask(path)
+
+
+def load_torch(path: str):
+    """torch.load of tensors and plain containers only (weights_only): a file holding any other
+    pickled object is refused by name, as unpickling it could run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds pickled objects other than tensors and plain containers; megalm never "
+                              f"loads those (unpickling can run code). Convert it to safetensors with the tool that "
+                              f"wrote it, or restore the file from a trusted source") from e
+    except Exception as e:  # torch raises several types for a damaged archive
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e})") from e
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-from typing import Optional
+from typing import Callable, Optional
 
-import torch
 from safetensors.torch import load_file
 
-from megalm.checkpoint.files import CHECKSUM_ALGORITHM, CheckpointError, checksum
+from megalm.checkpoint.files import CHECKSUM_ALGORITHM, CheckpointError, checksum, load_torch
 from megalm.config import Config
 
 FORMAT_VERSION = 1
@@ -48,14 +46,21 @@ def shard_dir(tensor_model_parallel_rank: int, pipeline_model_parallel_rank: int
     return name if expert_model_parallel_rank is None else f"{name}_{expert_model_parallel_rank:03d}"
 
 
+def shard_rel(sharded: bool, expert_model_parallel_size: int, tensor_model_parallel_rank: int,
+              pipeline_model_parallel_rank: int, expert_model_parallel_rank: int = 0) -> str:
+    """Where a rank's weights and optimizer state sit in a checkpoint: the top ("") when it is not
+    sharded, else `mp_rank_TT_PPP`, with `_EEE` under expert parallelism."""
+    if not sharded:
+        return ""
+    return shard_dir(tensor_model_parallel_rank, pipeline_model_parallel_rank,
+                     expert_model_parallel_rank if expert_model_parallel_size > 1 else None)
+
+
 def shard_path(path: str, metadata: dict, model_parallel_rank: tuple = (0, 0)) -> str:
     """The directory holding the weights of `model_parallel_rank` (tensor, pipeline[, expert])."""
     saved = metadata.get("layout", {})
-    if not saved.get("sharded"):
-        return path
-    tensor_rank, pipeline_rank, *expert_rank = model_parallel_rank
-    expert = (expert_rank[0] if expert_rank else 0) if saved.get("expert_model_parallel_size", 1) > 1 else None
-    return os.path.join(path, shard_dir(tensor_rank, pipeline_rank, expert))
+    return os.path.join(path, shard_rel(bool(saved.get("sharded")), saved.get("expert_model_parallel_size", 1),
+                                        *model_parallel_rank))
 
 
 def layout_sizes(metadata: dict) -> tuple:
@@ -81,7 +86,7 @@ def read_metadata(path: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(f"{meta_path} has format version {version}; this megalm reads version {FORMAT_VERSION}")
-    missing = [k for k in ("iteration", "config", "files") if not isinstance(meta.get(k), (int, dict))]
+    missing = [k for k, kind in (("iteration", int), ("config", dict), ("files", dict)) if not isinstance(meta.get(k), kind)]
     if missing:
         raise CheckpointError(f"{meta_path} lacks {', '.join(missing)}: it was not written by megalm or was "
                               f"edited by hand; restore it from a copy or use an earlier checkpoint")
@@ -103,40 +108,31 @@ def verify_file(path: str, rel: str, metadata: dict) -> None:
         return
     if sums.get("algorithm") != CHECKSUM_ALGORITHM:
         raise CheckpointError(f"{os.path.join(path, METADATA)} records {sums.get('algorithm')} checksums; this megalm "
-                              f"checks {CHECKSUM_ALGORITHM}: load with --no-verify-checkpoint")
+                              f"checks {CHECKSUM_ALGORITHM} (training can skip the check with --no-verify-checkpoint)")
     full = os.path.join(path, rel)
     if checksum(full) != sums["files"][rel]:
         raise CheckpointError(f"{full} is corrupt: its checksum does not match the one recorded when it was saved "
-                              f"(the bytes changed on disk or in transfer). Copy it again from a good source, or "
-                              f"load with --no-verify-checkpoint only if you know why")
+                              f"(the bytes changed on disk or in transfer). Copy it again from a good source (training can "
+                              f"skip the check with --no-verify-checkpoint, only if you know why)")
 
 
 # ---------------------------------------------------------------------------------------- reading
 
-def _load(path: str, rel: str, metadata: dict, verify: bool, loader):
-    full = os.path.join(path, rel)
+def load_weights(path: str, rel: str, metadata: dict, verify: bool = True) -> dict:
+    """name -> tensor of a safetensors file of the checkpoint (no pickle)."""
     if verify:
         verify_file(path, rel, metadata)
     try:
-        return loader(full)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{full} holds pickled objects other than tensors and plain containers; megalm never "
-                              f"loads those (unpickling can run code). It was not written by megalm: restore the "
-                              f"file from the checkpoint's source") from e
-    except Exception as e:  # torch and safetensors raise several types for a bad file
-        raise CheckpointError(f"{full} is corrupt ({type(e).__name__}: {e})") from e
-
-
-def load_weights(path: str, rel: str, metadata: dict, verify: bool = True) -> dict:
-    """name -> tensor of a safetensors file of the checkpoint (no pickle)."""
-    return _load(path, rel, metadata, verify, load_file)
+        return load_file(os.path.join(path, rel))
+    except Exception as e:  # safetensors and the OS raise several types for a bad file
+        raise CheckpointError(f"{os.path.join(path, rel)} is corrupt ({type(e).__name__}: {e})") from e
 
 
 def load_state(path: str, rel: str, metadata: dict, verify: bool = True):
     """A torch-serialised file of the checkpoint, tensors and plain containers only."""
-    return _load(path, rel, metadata, verify, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+    if verify:
+        verify_file(path, rel, metadata)
+    return load_torch(os.path.join(path, rel))
 
 
 def read_checkpoint(path: str, rank: int = 0, model_parallel_rank: tuple = (0, 0),
@@ -208,36 +204,51 @@ def checkpoint_dir(path: str) -> str:
 
 def find_checkpoint(root: str, rank: int = 0, fallback: bool = False, log=print,
                     model_parallel_rank: tuple = (0, 0), layout: Optional[dict] = None,
-                    verify: bool = True) -> Optional[dict]:
+                    verify: bool = True,
+                    first_failure: Callable[[Optional[str]], Optional[str]] = lambda message: message) -> Optional[dict]:
     """The latest checkpoint under `root` (or the checkpoint directory `root` itself), read and
     verified; None when there is none.
 
     With `fallback`, an unreadable latest checkpoint is reported and older ones are tried in turn;
     without it the error stops the run so that nothing is silently skipped. A layout mismatch
-    always stops (see `read_checkpoint`).
+    always stops (see `read_checkpoint`). Each rank reads its own files: `first_failure(message)`
+    gives the message of the first rank that could not read its part, or None (a collective under
+    torchrun, `megalm.checkpoint.ranks.first_failure`), so that every rank stops, or falls back to the
+    same earlier checkpoint, together.
     """
     if is_checkpoint_dir(root):
-        return read_checkpoint(root, rank, model_parallel_rank, layout, verify)
-    candidates = list_checkpoints(root)
-    latest = latest_iteration(root)
-    if latest is not None:
-        candidates = [latest] + [i for i in candidates if i < latest]
-    elif candidates:
-        log(f"warning: {os.path.join(root, TRACKER)} is missing; using the newest directory, iteration {candidates[0]}")
+        candidates, root_is_checkpoint = [None], True
+    else:
+        candidates, root_is_checkpoint = list_checkpoints(root), False
+        latest = latest_iteration(root)
+        if latest is not None:
+            candidates = [latest] + [i for i in candidates if i < latest]
+        elif candidates:
+            log(f"warning: {os.path.join(root, TRACKER)} is missing; using the newest directory, "
+                f"iteration {candidates[0]}")
     if not candidates:
         return None
     errors = []
     for iteration in candidates:
+        path = root if root_is_checkpoint else iteration_dir(root, iteration)
+        found, error = None, None
         try:
-            return read_checkpoint(iteration_dir(root, iteration), rank, model_parallel_rank, layout, verify)
+            found = read_checkpoint(path, rank, model_parallel_rank, layout, verify)
         except LayoutMismatchError:
-            raise
+            raise  # read from the metadata, the same on every rank
         except CheckpointError as e:
-            if not fallback:
-                raise CheckpointError(f"{e}. Pass --load-fallback to resume from the newest readable "
-                                      f"earlier checkpoint instead.") from e
-            log(f"warning: skipping unreadable checkpoint: {e}")
-            errors.append(str(e))
+            error = e
+        message = first_failure(None if error is None else str(error))
+        if message is None:
+            return found
+        error = error or CheckpointError(message)
+        if root_is_checkpoint:  # one checkpoint was asked for: nothing to fall back to
+            raise error
+        if not fallback:
+            raise CheckpointError(f"{error}. Pass --load-fallback to resume from the newest readable "
+                                  f"earlier checkpoint instead.") from error
+        log(f"warning: skipping unreadable checkpoint: {error}")
+        errors.append(str(error))
     raise CheckpointError("no readable checkpoint under " + root + ": " + "; ".join(errors))
 
 

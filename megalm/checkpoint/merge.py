@@ -27,9 +27,10 @@ from typing import Dict, Optional
 import torch
 
 from megalm.checkpoint.files import CheckpointError
-from megalm.checkpoint.format import checkpoint_dir, layout_sizes, load_state, load_weights, read_checkpoint, read_metadata, shard_dir
+from megalm.checkpoint.format import checkpoint_dir, layout_sizes, load_state, load_weights, read_checkpoint, read_metadata, shard_rel
 from megalm.config import Config, ModelConfig
 from megalm.model import GPTModel
+from megalm.parallel.distributed_optimizer import group_names
 from megalm.parallel.state import ParallelState
 from megalm.parallel.tensor import merge_shards
 
@@ -65,7 +66,7 @@ def _read_shards(src: str, meta: dict, verify: bool):
     for t in range(tp):
         for p in range(pp):
             for e in range(ep):
-                shard = shard_dir(t, p, e if ep > 1 else None) if sharded else ""
+                shard = shard_rel(sharded, ep, t, p, e)
                 weights[t, p, e] = load_weights(src, os.path.join(shard, "model.safetensors"), meta, verify)
                 rel = os.path.normpath(os.path.join(shard, "optimizer.pt"))
                 if rel in meta["files"]:
@@ -84,9 +85,8 @@ def _merge_ranks(shards: dict, spec: Optional[tuple], expert: bool) -> torch.Ten
 
 def _named_legacy_state(config: Config, saved: dict) -> dict:
     """An optimizer state keyed by position (written by a single process before names were used):
-    positions follow megalm.training.optimizer.build_optimizer, the decay group (matrices) then the rest."""
-    named = list(meta_model(config.model).named_parameters())
-    names = [n for n, p in named if p.ndim >= 2] + [n for n, p in named if p.ndim < 2]
+    positions follow the model's parameters in `group_names` order."""
+    names = sum(group_names(meta_model(config.model).named_parameters()), [])
     return {"state": {names[i]: s for i, s in saved["state"].items()},
             "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in saved["param_groups"]]}
 
@@ -124,9 +124,8 @@ def merge(src: str, verify: bool = True) -> dict:
                 full_state[name] = merged
     optimizer = None
     if has_optimizer:
-        groups = [dict({k: v for k, v in g.items() if k != "params"},
-                       params=[n for n in specs if (full[n].dim() >= 2) == (i == 0)])
-                  for i, g in enumerate(first["optimizer"]["param_groups"])]
+        groups = [dict({k: v for k, v in g.items() if k != "params"}, params=names)
+                  for g, names in zip(first["optimizer"]["param_groups"], group_names((n, full[n]) for n in specs))]
         optimizer = {"state": full_state, "param_groups": groups}
     return {"weights": full, "optimizer": optimizer, "metadata": meta, "config": config, "source": src,
             "scheduler": first["scheduler"] if has_optimizer else None,

@@ -22,8 +22,9 @@ import shutil
 from typing import Optional
 
 from megalm.checkpoint.files import CHECKSUM_ALGORITHM, CheckpointError, checksum, save_safetensors, save_torch, write_text_atomic
-from megalm.checkpoint.format import FORMAT_VERSION, METADATA, TRACKER, iteration_dir, shard_dir
+from megalm.checkpoint.format import FORMAT_VERSION, METADATA, TRACKER, iteration_dir, shard_rel
 from megalm.checkpoint.merge import meta_model
+from megalm.checkpoint.ranks import on_every_rank
 from megalm.checkpoint.rng import rng_state
 from megalm.config import Config
 from megalm.parallel.state import ParallelState
@@ -65,11 +66,10 @@ class CheckpointWriter:
         save_torch(obj, self._path(rel))
         self._record(rel)
 
-    def copy_tokenizer(self, config: Config) -> bool:
-        """Copy the tokenizer files the config names into tokenizer/; False when there are none."""
-        d = config.data
+    def copy_tokenizer(self, paths: list) -> bool:
+        """Copy the tokenizer files (or a tokenizer directory) into tokenizer/; False when there are none."""
         copied = False
-        for path in (p for p in (d.tokenizer_model, d.vocab_file, d.merge_file) if p):
+        for path in (p for p in paths if p):
             if os.path.isdir(path):
                 shutil.copytree(path, os.path.join(self.tmp, "tokenizer"), dirs_exist_ok=True)
             elif os.path.isfile(path):
@@ -107,22 +107,6 @@ class CheckpointWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _together(state: ParallelState, writer: CheckpointWriter, step) -> None:
-    """Run `step` on this rank; when it fails on any rank, every rank raises and the temporary
-    directory is removed (the previous checkpoint is untouched)."""
-    error = None
-    try:
-        step()
-    except CheckpointError as e:
-        error = e
-    failed = state.all_reduce_max(1.0 if error is not None else 0.0) > 0 if state.distributed else error is not None
-    if failed:
-        if state.is_main:
-            writer.abort()
-        raise error or CheckpointError(f"another rank could not write its part of {writer.final} (its error is in "
-                                       f"its log); the previous checkpoint is intact")
-
-
 def _gather_checksums(state: ParallelState, mine: dict) -> dict:
     if not state.distributed:
         return mine
@@ -146,7 +130,13 @@ def save_checkpoint(root: str, iteration: int, model, config: Config,
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     sharded = state.model_parallel or state.expert_model_parallel_size > 1
     writer = CheckpointWriter(root, iteration)
-    _together(state, writer, writer.begin if state.is_main else lambda: None)
+
+    def together(step):
+        """`step` on this rank; if it fails anywhere, the partial checkpoint goes (the previous one
+        is untouched) and every rank raises."""
+        on_every_rank(state, step, on_failure=writer.abort if state.is_main else None)
+
+    together(writer.begin if state.is_main else lambda: None)
 
     # Every rank takes part: the distributed optimizer gathers its shards over data parallelism.
     optimizer_state = optimizer.state_dict() if optimizer is not None else None
@@ -157,8 +147,8 @@ def save_checkpoint(root: str, iteration: int, model, config: Config,
         # group (data-parallel ranks 0 .. EP - 1, megalm.parallel.expert), data-parallel rank 0 without EP.
         ep = state.expert_model_parallel_size
         if state.data_parallel_rank < ep:
-            shard = shard_dir(state.tensor_model_parallel_rank, state.pipeline_model_parallel_rank,
-                              state.expert_model_parallel_rank if ep > 1 else None) if sharded else ""
+            shard = shard_rel(sharded, ep, state.tensor_model_parallel_rank, state.pipeline_model_parallel_rank,
+                              state.expert_model_parallel_rank)
             writer.write_weights(os.path.join(shard, "model.safetensors"),
                                  {k: v for chunk in chunks for k, v in chunk.state_dict().items()})
             if optimizer is not None:
@@ -166,13 +156,14 @@ def save_checkpoint(root: str, iteration: int, model, config: Config,
                                    {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                                     "loss_scaler": scaler.state_dict()})
         if state.is_main:
-            writer.copy_tokenizer(config)
+            d = config.data
+            writer.copy_tokenizer([d.tokenizer_model, d.vocab_file, d.merge_file])
 
-    _together(state, writer, write_rank_files)
+    together(write_rank_files)
     checksums = _gather_checksums(state, writer.checksums)
     metadata = {"consumed_samples": consumed_samples, "config": config.to_dict(),
                 "layout": dict(state.layout(), sharded=sharded), **(extra_metadata or {})}
-    _together(state, writer, (lambda: writer.commit(metadata, checksums)) if state.is_main else lambda: None)
+    together((lambda: writer.commit(metadata, checksums)) if state.is_main else lambda: None)
     return writer.final
 
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import pickle
 import re
 import shutil
 
 import torch
 from safetensors import safe_open
 
-from megalm.checkpoint.files import save_safetensors
+from megalm.checkpoint.files import load_torch, save_safetensors
 from megalm.convert.frame import ConversionError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -82,16 +81,7 @@ def tensor_shapes(directory: str) -> dict:
 def _load_torch(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConversionError(f"{path} is missing (named by the index)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only refuses any pickled object that is not a tensor or a plain container: such a
-        # file can run code when it is loaded, and megalm never unpickles one.
-        raise ConversionError(f"{path} holds pickled objects other than tensors, which megalm does not load (they "
-                              f"can run code). Convert it to safetensors with the tool that wrote it, or load it "
-                              f"yourself if you trust its source, and save model.safetensors") from e
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    return load_torch(path)
 
 
 def load_tensors(directory: str) -> dict:

@@ -100,7 +100,6 @@ def reshard(src_dir: str, dst_dir: str, target_tp: int = 1, target_pp: int = 1,
             for key, value in state.get(name, {}).items():
                 if torch.is_tensor(value) and value.dim() > 0:
                     state[name][key] = _resize_rows(value, m.padded_vocab_size)
-    vp = config.virtual_pipeline_model_parallel_size
 
     iteration = meta["iteration"]
     writer = ckpt.CheckpointWriter(dst_dir, iteration)
@@ -153,7 +152,7 @@ def _write_shards(writer: ckpt.CheckpointWriter, merged: dict, config: Config, t
                     out_state[name] = {k: (split(v, spec, expert) if (spec is not None or expert) and torch.is_tensor(v)
                                            and v.dim() > 0 else v)
                                        for k, v in state[source].items()}
-        where = ckpt.shard_dir(t, p, e if target_ep > 1 else None) if sharded else ""
+        where = ckpt.shard_rel(sharded, target_ep, t, p, e)
         writer.write_weights(os.path.join(where, "model.safetensors"), out)
         if merged["optimizer"] is not None:
             groups = [dict(g, params=[n for n in g["params"] if n in out]) for g in merged["optimizer"]["param_groups"]]
@@ -162,6 +161,4 @@ def _write_shards(writer: ckpt.CheckpointWriter, merged: dict, config: Config, t
             writer.write_state(os.path.join(where, "optimizer.pt"),
                                {"optimizer": {"state": out_state, "param_groups": groups},
                                 "scheduler": merged["scheduler"], "loss_scaler": merged["loss_scaler"]})
-    tokenizer = os.path.join(merged["source"], "tokenizer")
-    if os.path.isdir(tokenizer):
-        writer.copy_tokenizer(Config.from_dict({"data": {"tokenizer_model": tokenizer}}))
+    writer.copy_tokenizer([os.path.join(merged["source"], "tokenizer")])

@@ -38,6 +38,19 @@ from megalm.parallel.state import ParallelState
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 
 
+def decays(param: torch.Tensor) -> bool:
+    """Matrices (linear and embedding weights) are decayed; norm weights and biases are not."""
+    return param.ndim >= 2
+
+
+def group_names(named) -> List[List[str]]:
+    """The optimizer's two parameter groups as names, in its order: [decayed, not decayed]. Every
+    optimizer megalm builds (`megalm.training.optimizer.build_optimizer`) and every checkpoint
+    written before states were keyed by name follow this order."""
+    named = list(named)
+    return [[n for n, p in named if decays(p)], [n for n, p in named if not decays(p)]]
+
+
 def param_names(modules: List[nn.Module]) -> Dict[nn.Parameter, str]:
     """Parameter -> its name in the full model (pipeline chunks number their layers globally)."""
     return {p: name for m in modules for name, p in m.named_parameters()}
@@ -170,7 +183,7 @@ class DistributedOptimizer:
             for s in state.values():
                 s["step"] = step.detach().clone().cpu()
         params = [p for ddp in self.ddps for bucket in ddp.buckets for p in bucket.params]
-        named_groups = [[self.names[p] for p in params if p.ndim >= 2], [self.names[p] for p in params if p.ndim < 2]]
+        named_groups = group_names((self.names[p], p) for p in params)
         return {"state": state,
                 "param_groups": [dict(_hyperparameters(g), params=n)
                                  for g, n in zip(self.optimizer.param_groups, named_groups)]}
@@ -199,12 +212,12 @@ class DistributedOptimizer:
 
 
 def _legacy_to_named(saved: dict, ddps: List[DistributedDataParallel]) -> dict:
-    """A position-keyed state (written by a single-process run) to names: positions follow
-    `megalm.training.optimizer.build_optimizer` over the model (decay group, then no-decay)."""
+    """A position-keyed state (written by a single-process run) to names: positions follow the
+    model's parameters in `group_names` order."""
     modules = [d.module for d in ddps]
     names = param_names(modules)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    order = [names[p] for p in params if p.ndim >= 2] + [names[p] for p in params if p.ndim < 2]
+    order = sum(group_names((names[p], p) for p in params), [])
     return {"state": {order[i]: s for i, s in saved["state"].items()},
             "param_groups": [dict(_hyperparameters(g), params=[order[i] for i in g["params"]])
                              for g in saved["param_groups"]]}

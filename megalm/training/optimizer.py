@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from megalm.config import OptimConfig
+from megalm.parallel.distributed_optimizer import decays
 
 
 class Lion(torch.optim.Optimizer):
@@ -50,11 +51,6 @@ class Lion(torch.optim.Optimizer):
             torch._foreach_add_(params, updates, alpha=-group["lr"])
             torch._foreach_lerp_(moms, grads, 1.0 - beta2)
         return loss
-
-
-def decays(param: nn.Parameter) -> bool:
-    """Matrices (linear and embedding weights) are decayed; norm weights and biases are not."""
-    return param.ndim >= 2
 
 
 def build_optimizer(params: Iterable[Tuple[torch.Tensor, nn.Parameter]], config: OptimConfig,

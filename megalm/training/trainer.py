@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from megalm import checkpoint as ckpt
+from megalm.checkpoint.ranks import first_failure, on_every_rank
 from megalm.config import Config
 from megalm.data.loader import pretraining_batches
 from megalm.model.moe import AuxLossAutoScaler, moe_aux_loss, update_expert_bias
@@ -139,7 +140,7 @@ class Trainer:
         kwargs = {} if log_stream is None else {"stream": log_stream}
         self.log = MetricsLogger(st.is_main, t.tensorboard_dir, **kwargs)
         self.save_lock = ckpt.SaveDirLock(t.save if st.is_main else None, log=self.log.print)
-        self._on_every_rank(self.save_lock.acquire, f"{t.save} is in use by another run (see rank 0's message)")
+        on_every_rank(st, self.save_lock.acquire)
         try:
             self._build(model_provider, datasets_provider, forward_step)
         except BaseException:
@@ -180,20 +181,11 @@ class Trainer:
         eval_samples = t.eval_iters * t.global_batch_size
         self.datasets = datasets_provider(config, (t.train_iters * t.global_batch_size, eval_samples,
                                                    eval_samples))
+        self.flops_per_token = self.model.flops_per_token() if hasattr(self.model, "flops_per_token") else None
+        self.peak_flops = peak_flops(st.device, self.dtype, t.peak_flops)
         self._describe()
 
     # -- set-up helpers
-
-    def _on_every_rank(self, step: Callable, elsewhere: str) -> None:
-        """Run `step`; when it raises CheckpointError on any rank, raise it on every rank (the
-        others with `elsewhere`), so that no rank goes on to wait for the one that stopped."""
-        error = None
-        try:
-            step()
-        except ckpt.CheckpointError as e:
-            error = e
-        if self.state.all_reduce_max(1.0 if error is not None else 0.0) > 0:
-            raise error or ckpt.CheckpointError(elsewhere)
 
     def _build_model(self, model_provider: Callable) -> list:
         """This rank's model chunks (one per virtual pipeline stage), on the device."""
@@ -222,7 +214,8 @@ class Trainer:
                                      layout=st.layout(),
                                      model_parallel_rank=(st.tensor_model_parallel_rank, st.pipeline_model_parallel_rank,
                                                           st.expert_model_parallel_rank),
-                                     verify=t.verify_checkpoint)
+                                     verify=t.verify_checkpoint,
+                                     first_failure=lambda message: first_failure(st, message))
         if found is None:
             if t.save and os.path.abspath(t.load) == os.path.abspath(t.save):
                 self.log.print(f"no checkpoint in {t.load} yet: starting from scratch (it is also --save, so a "
@@ -503,15 +496,13 @@ class Trainer:
         line = (f"iter {ts.iteration}/{t.train_iters} | tokens {human(values['train/tokens'])} | "
                 f"loss {mean_loss:.4f} | ppl {_ppl(mean_loss):.2f} | lr {lr:.3e} | "
                 f"grad norm {grad_norm:.3f} | skipped {skipped} | {human(tok_s)} tok/s")
-        flops_per_token = self.model.flops_per_token() if hasattr(self.model, "flops_per_token") else None
-        if flops_per_token:
-            tflops = flops_per_token * tok_s / st.world_size / 1e12
+        if self.flops_per_token:
+            tflops = self.flops_per_token * tok_s / st.world_size / 1e12
             values["train/tflops_per_device"] = tflops
             line += f" | {tflops:.2f} TFLOP/s/dev"
-            peak = peak_flops(st.device, self.dtype, t.peak_flops)
-            if peak:
-                values["train/mfu"] = tflops * 1e12 / peak
-                line += f" | MFU {100 * tflops * 1e12 / peak:.1f}%"
+            if self.peak_flops:
+                values["train/mfu"] = tflops * 1e12 / self.peak_flops
+                line += f" | MFU {100 * tflops * 1e12 / self.peak_flops:.1f}%"
         if t.fp16:
             line += f" | loss scale {self.scaler.scale:.0f}"
         mem = peak_memory_bytes(st.device)
