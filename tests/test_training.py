@@ -249,3 +249,17 @@ def test_token_id_in_the_vocabulary_padding_is_refused(tmp_path):
     config.data.tokenizer_type, config.data.split = "NullTokenizer", "100,0,0"
     with pytest.raises(DataError, match=r"holds token id 252, but the tokenizer's vocabulary has 250 entries"):
         run(config)
+
+
+def test_mock_data_with_a_real_tokenizer_draws_ids_the_tokenizer_has(tmp_path):
+    """--mock-data with a tokenizer and no --vocab-size: the synthetic ids stay within the tokenizer's
+    300 tokens (the padded 384 would be refused by the token-id check)."""
+    from tests.test_convert import write_tokenizer
+    write_tokenizer(str(tmp_path / "tok"), vocab_size=300)
+    config = tiny_config("--train-iters", "3", "--tokenizer-type", "HuggingFaceTokenizer",
+                         "--tokenizer-model", str(tmp_path / "tok" / "tokenizer.json"))
+    config.data.vocab_size = None
+    import pretrain_gpt
+    pretrain_gpt.set_vocabulary(config)
+    assert (config.model.vocab_size, config.model.padded_vocab_size) == (300, 384)
+    assert run(config).iteration == 3
