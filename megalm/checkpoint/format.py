@@ -56,13 +56,6 @@ def shard_rel(sharded: bool, expert_model_parallel_size: int, tensor_model_paral
                      expert_model_parallel_rank if expert_model_parallel_size > 1 else None)
 
 
-def shard_path(path: str, metadata: dict, model_parallel_rank: tuple = (0, 0)) -> str:
-    """The directory holding the weights of `model_parallel_rank` (tensor, pipeline[, expert])."""
-    saved = metadata.get("layout", {})
-    return os.path.join(path, shard_rel(bool(saved.get("sharded")), saved.get("expert_model_parallel_size", 1),
-                                        *model_parallel_rank))
-
-
 def layout_sizes(metadata: dict) -> tuple:
     """(tensor, pipeline, expert)-parallel sizes a checkpoint was saved with."""
     layout = metadata.get("layout", {})
@@ -148,7 +141,8 @@ def read_checkpoint(path: str, rank: int = 0, model_parallel_rank: tuple = (0, 0
     meta = read_metadata(path)
     if layout is not None:
         check_layout(meta.get("layout", {}), layout, path)
-    shard = os.path.relpath(shard_path(path, meta, model_parallel_rank), path)
+    saved = meta.get("layout", {})
+    shard = shard_rel(bool(saved.get("sharded")), saved.get("expert_model_parallel_size", 1), *model_parallel_rank)
     model_rel = os.path.normpath(os.path.join(shard, "model.safetensors"))
     weights = load_weights(path, model_rel, meta, verify)
     optim_rel = os.path.normpath(os.path.join(shard, "optimizer.pt"))
