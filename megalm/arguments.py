@@ -114,14 +114,20 @@ def _argument(section: str, f: dataclasses.Field) -> dict:
     return kwargs
 
 
-def build_parser(description: str = "megalm", extra: Optional[callable] = None) -> argparse.ArgumentParser:
-    """The parser for all config sections. `extra(parser)` may add tool-specific flags."""
+# The sections whose flags every entry point takes; posttrain_gpt.py adds "posttrain".
+COMMON_SECTIONS = ("model", "parallel", "optim", "train", "data")
+
+
+def build_parser(description: str = "megalm", extra: Optional[callable] = None,
+                 sections: Sequence[str] = COMMON_SECTIONS) -> argparse.ArgumentParser:
+    """The parser for the flags of `sections` (the others keep their defaults). `extra(parser)` may
+    add tool-specific flags."""
     # The usage line would list every flag (~60 lines); the groups below say it better.
     parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                      allow_abbrev=False, usage="%(prog)s [FLAGS]")
     groups = {}  # in the order of their first flag
-    for section, klass in SECTIONS.items():
-        for f in _flag_fields(klass):
+    for section in sections:
+        for f in _flag_fields(SECTIONS[section]):
             title = f.metadata.get("group", _SECTION_GROUPS.get(section, section))
             if title not in groups:
                 groups[title] = parser.add_argument_group(title)
@@ -141,9 +147,9 @@ def config_from_namespace(ns: argparse.Namespace) -> Config:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, extra: Optional[callable] = None,
-               description: str = "megalm"):
+               description: str = "megalm", sections: Sequence[str] = COMMON_SECTIONS):
     """Parse flags into a Config (not yet validated) and the namespace (for `extra` flags)."""
-    parser = build_parser(description, extra)
+    parser = build_parser(description, extra, sections)
     ns = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     return config_from_namespace(ns), ns
 

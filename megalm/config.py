@@ -396,6 +396,82 @@ class DataConfig:
     data_cache_path: Optional[str] = opt(None, "Where to cache dataset indices "
                                                "(default: next to the data).", metavar="DIR")
     num_workers: int = opt(0, "DataLoader worker processes.")
+    reset_position_ids: bool = opt(
+        False, "Restart the position ids after each end-of-document token (packed pre-training data).")
+    reset_attention_mask: bool = opt(
+        False, "No attention across end-of-document tokens: each document in a sequence sees only itself.")
+    eod_mask_loss: bool = opt(False, "Leave the end-of-document tokens out of the loss.")
+
+
+# The --task values of posttrain_gpt.py.
+POSTTRAIN_TASKS = ("sft", "distill")
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass
+class PostTrainConfig:
+    """Flags of posttrain_gpt.py (supervised fine-tuning, LoRA / QLoRA, distillation)."""
+    task: str = opt("sft", "What to train: sft (supervised fine-tuning on chat / prompt-completion / text "
+                    "jsonl) or distill (a student from a teacher's logits).", choices=POSTTRAIN_TASKS,
+                    group="post-training")
+    chat_template: Optional[str] = opt(
+        None, "A Jinja chat template file (default: the tokenizer directory's chat template, else "
+        "megalm's own).", metavar="PATH", group="post-training")
+    packing: bool = opt(False, "Pack several samples into each --seq-length row; position ids restart "
+                        "and attention stops at each sample's boundary.", group="post-training")
+    train_on_prompt: bool = opt(False, "Also train on the prompt / user tokens (default: only on assistant "
+                                "tokens and completions).", group="post-training")
+    lora_rank: int = opt(0, "LoRA rank (0: full fine-tuning).", group="LoRA")
+    lora_alpha: float = opt(16.0, "LoRA scaling numerator: the update is (alpha / rank) B A, or "
+                            "(alpha / sqrt(rank)) B A with --use-rslora.", group="LoRA")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch's input.", group="LoRA")
+    lora_target_modules: list = opt(
+        ["q_proj", "v_proj"], "Linear layers that get adapters, by their Hugging Face names: q_proj k_proj "
+        "v_proj o_proj gate_proj up_proj down_proj, or all-linear.", metavar="NAME", group="LoRA")
+    use_rslora: bool = opt(False, "Rank-stabilised LoRA: scale by alpha / sqrt(rank).", group="LoRA")
+    lora_base_quantization: Optional[str] = opt(
+        None, "QLoRA: hold the frozen base weights of the adapted layers quantized (weight-only, "
+        "per-group) and de-quantize them in the forward pass.", choices=["int8", "int4"], group="LoRA")
+    teacher_load: Optional[str] = opt(
+        None, "distill: the teacher's checkpoint directory (megalm, or imported from Hugging Face).",
+        metavar="DIR", group="distillation")
+    teacher_logits: Optional[str] = opt(
+        None, "distill: a directory of cached teacher top-k logits (tools/cache_teacher_logits.py) "
+        "instead of running the teacher.", metavar="DIR", group="distillation")
+    kd_ratio: float = opt(0.5, "distill: loss = (1 - ratio) x cross-entropy + ratio x distillation loss.",
+                          group="distillation")
+    kd_loss: str = opt("forward_kl", "distill: the distillation loss (jsd: generalized Jensen-Shannon "
+                       "with --kd-beta; beta 0 is forward KL, 1 reverse KL).", choices=KD_LOSSES,
+                       group="distillation")
+    kd_beta: float = opt(0.5, "distill: the generalized JSD's beta.", group="distillation")
+    kd_temperature: float = opt(1.0, "distill: softmax temperature of teacher and student.", group="distillation")
+
+    def validate(self) -> None:
+        if self.lora_rank < 0:
+            raise ConfigError(f"--lora-rank must not be negative, got {self.lora_rank}")
+        if self.lora_rank and self.lora_alpha <= 0:
+            raise ConfigError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_rank:
+            for flag, given in (("--use-rslora", self.use_rslora),
+                                ("--lora-base-quantization", self.lora_base_quantization)):
+                if given:
+                    raise ConfigError(f"{flag} needs LoRA adapters: give --lora-rank R")
+        if self.task == "distill":
+            if (self.teacher_load is None) == (self.teacher_logits is None):
+                raise ConfigError("--task distill needs one teacher: --teacher-load DIR (run online) or "
+                                  "--teacher-logits DIR (cached top-k)")
+            if not 0.0 <= self.kd_ratio <= 1.0:
+                raise ConfigError(f"--kd-ratio must be in [0, 1], got {self.kd_ratio}")
+            if not 0.0 <= self.kd_beta <= 1.0:
+                raise ConfigError(f"--kd-beta must be in [0, 1], got {self.kd_beta}")
+            if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
+                raise ConfigError(f"--kd-temperature must be positive, got {self.kd_temperature}")
+        else:
+            for flag, given in (("--teacher-load", self.teacher_load), ("--teacher-logits", self.teacher_logits)):
+                if given is not None:
+                    raise ConfigError(f"{flag} is for --task distill (the task is {self.task})")
 
 
 SECTIONS = {
@@ -404,6 +480,7 @@ SECTIONS = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "data": DataConfig,
+    "posttrain": PostTrainConfig,
 }
 
 
@@ -414,6 +491,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    posttrain: PostTrainConfig = field(default_factory=PostTrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -507,6 +585,7 @@ class Config:
             raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size N")
         if d.num_workers < 0:
             raise ConfigError(f"--num-workers must not be negative, got {d.num_workers}")
+        self.posttrain.validate()
         return self
 
     def resolve(self, data_parallel_size: int = 1) -> "Config":
