@@ -59,3 +59,21 @@ def test_validation_loss_does_not_depend_on_the_data_parallel_size():
     assert len(single) == len(double) == 2  # at iteration 3 and after the last
     for a, b in zip(single, double):
         assert a == pytest.approx(b, rel=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    ["--swiglu", "--disable-bias-linear", "--num-experts", "4", "--moe-ffn-hidden-size", "32",
+     "--expert-model-parallel-size", "2"],
+    ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"],
+    ["--pipeline-model-parallel-size", "2"],
+])
+def test_no_process_group_thread_outlives_the_run(layout):
+    """A Gloo worker left running at exit may drop a finished collective's tensors while the
+    interpreter shuts down, and abort a run that succeeded (exit -6, seen in 2-rank runs)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.join("tests", "dist_thread_check.py"), "--micro-batch-size", "2", "--train-iters", "2", *layout]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(re.findall(r"rank \d: (\d+) process-group threads left", out.stdout)) == ["0", "0"], out.stdout

@@ -148,9 +148,20 @@ class DistributedDataParallel(nn.Module):
         if expert_params:
             make(expert_params, reduce_group=self.expert_group)
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
+        self._hooks = []
         for p in params:
             p.grad = self._bucket_of[p].views[p]
-            p.register_post_accumulate_grad_hook(self._on_grad_ready)
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+
+    def close(self) -> None:
+        """Unhook the parameters and drop their gradient views. A parameter's hook points back at this
+        wrapper through autograd's C++ side, a cycle the garbage collector cannot see, and the
+        wrapper holds the process groups: left in place, they would outlive the run."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        for p in self._bucket_of:
+            p.grad = None
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

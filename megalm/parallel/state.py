@@ -21,6 +21,7 @@ here (size 1).
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -259,6 +260,10 @@ def initialize(config: Optional[Config] = None) -> ParallelState:
         return ParallelState(device=dev, **settings)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
+    # torch._dynamo (which torch.optim imports) pulls in torch.distributed modules that, imported
+    # after the default group exists, keep a C++ reference to it: the group and its threads would
+    # then outlive `destroy` (see there). Imported first, they hold nothing.
+    import torch._dynamo  # noqa: F401
     if backend == "nccl" and dev.type != "cuda":
         raise RuntimeError("--distributed-backend nccl needs CUDA devices; use gloo on CPU")
     if not dist.is_initialized():
@@ -286,5 +291,14 @@ def initialize(config: Optional[Config] = None) -> ParallelState:
 
 
 def destroy() -> None:
+    """Tear down every process group before the interpreter exits.
+
+    A Gloo group's worker threads stop only when the group's last Python reference goes, and a
+    worker may still hold a finished collective's tensors; dropping them needs the interpreter.
+    If that happens during interpreter shutdown the process aborts ("terminate called without an
+    active exception") after a run that succeeded. So: destroy the groups, then collect the
+    reference cycles (modules, hooks) that still hold them, while the interpreter is whole; the
+    caller drops its own references (the trainer) first."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()

@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -538,6 +539,8 @@ class Trainer:
     def close(self) -> None:
         self.log.close()
         self.save_lock.release()
+        for ddp in self.ddps:
+            ddp.close()
 
 
 def _ppl(loss: float) -> float:
@@ -547,9 +550,17 @@ def _ppl(loss: float) -> float:
 def pretrain(config: Config, model_provider: Callable, datasets_provider: Callable,
              forward_step: Callable = gpt_forward_step) -> TrainState:
     """Build everything from `config`, train, evaluate, save. Returns the final TrainState."""
-    trainer = Trainer(config, model_provider, datasets_provider, forward_step)
+    trainer = None
     try:
+        trainer = Trainer(config, model_provider, datasets_provider, forward_step)
         return trainer.train()
+    except BaseException as e:
+        # The traceback's frames would keep the trainer, and with it the process groups, alive
+        # until the interpreter exits (see `parallel_state.destroy`).
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
+        trainer = None
         parallel_state.destroy()
