@@ -18,8 +18,9 @@ from megalm.data.sampler import PretrainingSampler
 
 
 def collate_tokens(samples: list) -> dict:
-    """[{"tokens": [s + 1]}] * b -> {"tokens": [b, s + 1] int64}."""
-    return {"tokens": torch.stack([torch.as_tensor(s["tokens"], dtype=torch.long) for s in samples])}
+    """[{"tokens": [s + 1]}] * b -> {"tokens": [b, s + 1] int64}; every other key of the samples
+    (labels, position and document ids of post-training samples) is stacked the same way."""
+    return {key: torch.stack([torch.as_tensor(s[key], dtype=torch.long) for s in samples]) for key in samples[0]}
 
 
 def ignore_termination_signals(worker_id: int) -> None:

@@ -134,7 +134,11 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, config: Config, model_provider: Callable, datasets_provider: Callable,
                  forward_step: Callable = gpt_forward_step, state: Optional[ParallelState] = None,
-                 log_stream=None):
+                 log_stream=None, prepare_model: Optional[Callable] = None):
+        """`prepare_model(chunks, loaded)`, when given, runs once the weights are in place (`loaded`:
+        read from --load) and before the chunks are wrapped for data parallelism and handed to the
+        optimizer: post-training quantizes frozen base weights there."""
+        self.prepare_model = prepare_model
         self.state = state or parallel_state.initialize(config)
         self.config = config = config.resolve(self.state.data_parallel_size)
         t, st = config.train, self.state
@@ -163,6 +167,8 @@ class Trainer:
                             st.pipeline_model_parallel_rank, st.device.type)
         self.train_state = TrainState()
         found = self._load_weights()
+        if self.prepare_model is not None:
+            self.prepare_model(self.chunks, found is not None)
         p = config.parallel
         self.ddps = [DistributedDataParallel(chunk, st, p.ddp_bucket_size, p.overlap_grad_reduce,
                                              p.use_distributed_optimizer) for chunk in self.chunks]
@@ -231,7 +237,10 @@ class Trainer:
         weights, missing = dict(found["model"]), []
         for chunk in self.chunks:
             own = chunk.state_dict()
-            missing += [k for k in own if k not in weights]
+            # --finetune from a base model: parameters added for fine-tuning (LoRA adapters, marked
+            # `adapter`) keep their initial values.
+            new = {name for name, p in chunk.named_parameters() if getattr(p, "adapter", False)} if t.finetune else set()
+            missing += [k for k in own if k not in weights and k not in new]
             chunk.load_state_dict({k: weights.pop(k) for k in own if k in weights}, strict=False)
         if missing or weights:
             raise ckpt.CheckpointError(f"{found['model_path']} does not match the model: "
@@ -275,7 +284,9 @@ class Trainer:
         c, st = self.config, self.state
         from megalm import kernels
         n = sum(p.numel() for chunk in self.chunks for p in chunk.parameters())
-        where = "" if not st.model_parallel and st.expert_model_parallel_size == 1 else " on rank 0"
+        trainable = sum(p.numel() for chunk in self.chunks for p in chunk.parameters() if p.requires_grad)
+        where = "" if trainable == n else f" ({human(trainable)} trainable, {100 * trainable / max(n, 1):.2f}%)"
+        where += "" if not st.model_parallel and st.expert_model_parallel_size == 1 else " on rank 0"
         layout = "" if not st.model_parallel else (
             f", tensor-parallel {st.tensor_model_parallel_size}, pipeline-parallel "
             f"{st.pipeline_model_parallel_size}" + (f" x {st.virtual_pipeline_model_parallel_size} virtual"
@@ -548,11 +559,12 @@ def _ppl(loss: float) -> float:
 
 
 def pretrain(config: Config, model_provider: Callable, datasets_provider: Callable,
-             forward_step: Callable = gpt_forward_step) -> TrainState:
-    """Build everything from `config`, train, evaluate, save. Returns the final TrainState."""
+             forward_step: Callable = gpt_forward_step, prepare_model: Optional[Callable] = None) -> TrainState:
+    """Build everything from `config`, train, evaluate, save. Returns the final TrainState.
+    `prepare_model`: see `Trainer`."""
     trainer = None
     try:
-        trainer = Trainer(config, model_provider, datasets_provider, forward_step)
+        trainer = Trainer(config, model_provider, datasets_provider, forward_step, prepare_model=prepare_model)
         return trainer.train()
     except BaseException as e:
         # The traceback's frames would keep the trainer, and with it the process groups, alive
