@@ -29,7 +29,7 @@ from megalm.data.corpus import RawRecord, RecordError, invalid_utf8_note, iter_r
 from megalm.data.errors import DataError
 from megalm.data.quality import RULES as QUALITY_RULES
 from megalm.data.quality import QualityConfig, check_quality
-from megalm.data.text import NORMAL_FORMS, normalize_text
+from megalm.data.text import CJK_SEGMENTERS, NORMAL_FORMS, jieba_cut, normalize_text
 from megalm.data.workers import batches_by_size, ordered_map, worker_pool
 
 
@@ -45,12 +45,17 @@ class CleanConfig:
     exact_dedup: bool = option(True, "Remove exact duplicates of the normalised text.")
     near_dedup: bool = option(True, "Remove near duplicates (MinHash + LSH).")
     minhash_shingle_size: int = option(5, "MinHash: words per shingle.")
+    minhash_cjk_shingle_size: int = option(3, "MinHash: Chinese / Japanese characters (jieba words with "
+                                              "--cjk-segmenter jieba) per shingle.")
     minhash_num_perm: int = option(112, "MinHash: hash functions (signature length) = bands x rows.")
     minhash_bands: int = option(14, "MinHash: LSH bands.")
     minhash_threshold: float = option(0.7, "MinHash: estimated Jaccard similarity from which a candidate "
                                          "is a duplicate.")
     minhash_simplify: bool = option(True, "MinHash: hash simplified text (lower case, no punctuation, "
                                         "digits as 0).")
+    cjk_segmenter: str = option("char", "How Chinese / Japanese text, which has no spaces, splits into words for "
+                                        "MinHash shingles and the quality rules: every character, or jieba's "
+                                        "dictionary words (pip install jieba).", choices=list(CJK_SEGMENTERS))
     quality: bool = option(True, "Apply the Gopher quality and repetition rules.")
     language: list = option([], "Keep only these languages (ISO 639-1 codes, e.g. zh en); empty: no filter.")
     language_threshold: float = option(0.65, "Smallest language-ID confidence to keep a document.")
@@ -84,7 +89,9 @@ class DocumentCleaner:
         if config.near_dedup:
             from megalm.data.minhash import MinHasher
             self.hasher = MinHasher(config.minhash_shingle_size, config.minhash_num_perm,
-                                    simplify=config.minhash_simplify)
+                                    simplify=config.minhash_simplify,
+                                    cjk_shingle_size=config.minhash_cjk_shingle_size,
+                                    segmenter=config.cjk_segmenter)
 
     def process(self, raw: RawRecord) -> Outcome:
         try:
@@ -107,7 +114,8 @@ class DocumentCleaner:
             if score < c.language_threshold or not self.identifier.accepts(language, c.language):
                 return Outcome(record, "language")
         if c.quality:
-            rule = check_quality(text, self.quality, language if self.identifier is not None else None)
+            rule = check_quality(text, self.quality, language if self.identifier is not None else None,
+                                 c.cjk_segmenter)
             if rule is not None:
                 return Outcome(record, rule)
         exact = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest() if c.exact_dedup else None
@@ -147,6 +155,10 @@ def check_config(config: CleanConfig, quality: QualityConfig) -> None:
                         f"{config.minhash_bands} (rows per band = num-perm / bands)")
     if not 0.0 <= config.minhash_threshold <= 1.0:
         raise DataError(f"--minhash-threshold {config.minhash_threshold} must be in [0, 1]")
+    if config.minhash_shingle_size < 1 or config.minhash_cjk_shingle_size < 1:
+        raise DataError("--minhash-shingle-size and --minhash-cjk-shingle-size must be at least 1")
+    if config.cjk_segmenter == "jieba":
+        jieba_cut()  # a missing package fails here, before any output is opened
     if config.language_model and not os.path.isfile(config.language_model):
         raise DataError(f"--language-model {config.language_model}: no such file")
     if len(quality.max_top_ngram_chars) != 3 or len(quality.max_duplicate_ngram_chars) != 6:

@@ -1,7 +1,12 @@
 """Near-duplicate detection with MinHash and locality-sensitive hashing (Broder 1997).
 
-A document becomes the set of its word n-grams ("shingles", n = 5 by default, on text simplified
-as datatrove does: lower case, no punctuation, digits as 0). A MinHash signature keeps, for each
+A document becomes the set of its n-grams ("shingles", on text simplified as datatrove does: lower
+case, no punctuation, digits as 0): word 5-grams by default, but character 3-grams in Chinese and
+Japanese, which have no spaces. A CJK character carries about as much as a short English word,
+so one edited character spoils n shingles: with character 5-grams a 2% edit of a 60-character
+text already drops the Jaccard similarity to about 0.7, with 3-grams to about 0.82. Each
+position of a mixed document starts a shingle of its own script's size (`text.split_words`
+gives the units: words, CJK characters, or jieba's words). A MinHash signature keeps, for each
 of `num_perm` random hash functions, the smallest hash over the shingles; two signatures agree in
 each position with probability equal to the Jaccard similarity of the two sets.
 
@@ -23,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from megalm.data.text import simplify_for_hashing, split_words
+from megalm.data.text import is_cjk_word, simplify_for_hashing, split_words
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
@@ -31,12 +36,16 @@ _CHUNK = 2048
 
 
 class MinHasher:
-    """Signatures of `num_perm` 32-bit values for word `shingle_size`-grams."""
+    """Signatures of `num_perm` 32-bit values for word `shingle_size`-grams (`cjk_shingle_size`-grams
+    where a CJK unit starts the shingle)."""
 
-    def __init__(self, shingle_size: int = 5, num_perm: int = 112, seed: int = 1, simplify: bool = True):
-        if shingle_size < 1 or num_perm < 1:
-            raise ValueError("shingle_size and num_perm must be positive")
+    def __init__(self, shingle_size: int = 5, num_perm: int = 112, seed: int = 1, simplify: bool = True,
+                 cjk_shingle_size: int = 3, segmenter: str = "char"):
+        if shingle_size < 1 or num_perm < 1 or cjk_shingle_size < 1:
+            raise ValueError("shingle sizes and num_perm must be positive")
         self.shingle_size = shingle_size
+        self.cjk_shingle_size = cjk_shingle_size
+        self.segmenter = segmenter
         self.num_perm = num_perm
         self.simplify = simplify
         rng = np.random.RandomState(seed)
@@ -47,17 +56,23 @@ class MinHasher:
         self.b = rng.randint(0, 1 << 63, size=(num_perm, 1), dtype=np.uint64)
 
     def shingles(self, text: str) -> np.ndarray:
-        """32-bit hashes of the word n-grams of `text` (a short text is one shingle)."""
-        words = split_words(simplify_for_hashing(text) if self.simplify else text)
+        """32-bit hashes of the n-grams of `text` (a text shorter than one shingle is one shingle)."""
+        text = simplify_for_hashing(text) if self.simplify else text
+        words = split_words(text, self.segmenter)
         if not words:
             return np.zeros(1, dtype=np.uint64)
         word_hashes = np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint64, count=len(words))
-        n = min(self.shingle_size, len(words))
-        m = len(words) - n + 1
-        h = np.zeros(m, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for k in range(n):
-                h = h * np.uint64(0x100000001B3) + word_hashes[k:k + m]
+        h = np.zeros(0, dtype=np.uint64)
+        if not text.isascii():
+            cjk = np.fromiter(map(is_cjk_word, words), dtype=bool, count=len(words))
+            parts = [_ngram_hashes(word_hashes, n)[mask[:len(words) - n + 1]]
+                     for n, mask in ((self.shingle_size, ~cjk), (self.cjk_shingle_size, cjk)) if n <= len(words)]
+            h = np.concatenate(parts) if parts else h
+            shortest = self.cjk_shingle_size if cjk.mean() > 0.5 else self.shingle_size
+        else:
+            shortest = self.shingle_size
+        if not len(h):  # pure-script text, or a mixed one too short for any shingle of its own size
+            h = _ngram_hashes(word_hashes, min(shortest, len(words)))
         return (h ^ (h >> np.uint64(32))) & _MASK32
 
     def signature(self, text: str) -> np.ndarray:
@@ -68,6 +83,16 @@ class MinHasher:
                 x = shingles[start:start + _CHUNK][None, :]
                 np.minimum(signature, ((self.a * x + self.b) >> _SHIFT32).min(axis=1), out=signature)
         return signature.astype(np.uint32)
+
+
+def _ngram_hashes(word_hashes: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit polynomial hash of the n-gram starting at each position (wrapping arithmetic)."""
+    m = len(word_hashes) - n + 1
+    h = np.zeros(m, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            h = h * np.uint64(0x100000001B3) + word_hashes[k:k + m]
+    return h
 
 
 class LSHIndex:

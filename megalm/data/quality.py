@@ -3,7 +3,8 @@
 Each rule compares one statistic of a document with a threshold; `check_quality` returns the name
 of the first rule a document breaks, or None. Defaults are those of the paper as implemented by
 datatrove. Words come from `megalm.data.text.split_words`, so Chinese and Japanese count one word
-per character; two rules are adapted for them:
+per character (or per jieba word with ``--cjk-segmenter jieba``), and the repetition rules' n-grams
+are n-grams of those words; two rules are adapted for them:
 
 - mean word length is measured on the non-CJK words and skipped when most words are CJK;
 - the stop-word rule is English-only: it applies to documents identified as English, or, when no
@@ -51,9 +52,11 @@ class QualityConfig:
                                            "Gopher: largest character fraction in repeated 5- ... 10-grams.")
 
 
-def check_quality(text: str, config: QualityConfig, language: Optional[str] = None) -> Optional[str]:
-    """The name of the first rule `text` breaks, or None when it passes them all."""
-    words = split_words(text)
+def check_quality(text: str, config: QualityConfig, language: Optional[str] = None,
+                  segmenter: str = "char") -> Optional[str]:
+    """The name of the first rule `text` breaks, or None when it passes them all; `segmenter` cuts
+    CJK runs into words (`text.split_words`)."""
+    words = split_words(text, segmenter)
     content = [w for w in words if not _SYMBOL_ONLY.match(w)]
     if len(content) < config.min_words:
         return "too_few_words"
