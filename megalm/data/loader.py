@@ -19,8 +19,12 @@ from megalm.data.sampler import PretrainingSampler
 
 def collate_tokens(samples: list) -> dict:
     """[{"tokens": [s + 1]}] * b -> {"tokens": [b, s + 1] int64}; every other key of the samples
-    (labels, position and document ids of post-training samples) is stacked the same way."""
-    return {key: torch.stack([torch.as_tensor(s[key], dtype=torch.long) for s in samples]) for key in samples[0]}
+    (labels, position and document ids, cached teacher log-probabilities of post-training samples)
+    is stacked the same way, integers as int64 and floating point as it is."""
+    def stack(key):
+        values = torch.stack([torch.as_tensor(s[key]) for s in samples])
+        return values if values.is_floating_point() else values.long()
+    return {key: stack(key) for key in samples[0]}
 
 
 def ignore_termination_signals(worker_id: int) -> None:
