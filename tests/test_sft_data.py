@@ -207,6 +207,24 @@ def test_generation_masks_equal_transformers(tmp_path):
     assert trained_text(ours, ids, mask) == ["Paris, the capital: ünïcode ✓ and \n newlines\n<|im_end|>"]
 
 
+def test_megabpe_byte_offsets_give_the_same_masks_as_the_tokenizers_library(tmp_path):
+    """megalm's own tokenizer has no offsets of its own: they come from each token's bytes, and a
+    multi-byte character split across tokens belongs to both."""
+    from megalm.data.tokenizer.bpe_train import train_bpe
+
+    megabpe = train_bpe([CORPUS + "ünïcode ✓ 東京 " * 5], vocab_size=330, special_tokens=SPECIALS, min_frequency=1)
+    megabpe.save(str(tmp_path / "tokenizer.json"))
+    library = HuggingFaceTokenizer(str(tmp_path / "tokenizer.json"))
+    templates = {"default": ChatTemplate(CHATML_WITH_GENERATION, "chatml-generation.jinja")}
+    messages = CONVERSATION[:2] + [{"role": "assistant", "content": "東京 and ünïcode ✓ 🙂"}]
+    ids, mask = encode(megabpe, {"messages": messages}, templates)
+    expected_ids, expected_mask = encode(library, {"messages": messages}, templates)
+    assert ids.tolist() == expected_ids.tolist() and mask.tolist() == expected_mask.tolist()
+    assert trained_text(megabpe, ids, mask) == ["東京 and ünïcode ✓ 🙂<|im_end|>"]
+    default_ids, default_mask = encode(megabpe, {"messages": CONVERSATION})  # the ChatML default, by prefixes
+    assert trained_text(megabpe, default_ids, default_mask) == ["Paris.<|im_end|>\n", "Eight legs.<|im_end|>\n"]
+
+
 def test_prefix_breaking_template_is_reported(tmp_path, tokenizer):
     template = tmp_path / "qwen3_like.jinja"
     template.write_text(DROPS_EARLIER_THINKING)
@@ -375,6 +393,38 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, tok_dir, tokenizer, caplog):
     again = tokenized_file(path, tokenizer, templates, progress=False)
     assert "unreadable" in caplog.text
     assert np.array_equal(first.tokens, again.tokens)
+
+
+def _tokenize_on_rank(rank, world_size, store, tok_dir, paths, out_dir):
+    import megalm.data.sft_dataset as sft
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        tokenizer = HuggingFaceTokenizer(os.path.join(tok_dir, "tokenizer.json"))
+        if rank:  # the other ranks must find rank 0's cache instead of tokenizing
+            sft.tokenize_file = None
+        outcomes = []
+        for path in paths:
+            try:
+                result = sft.tokenized_file(path, tokenizer, load_chat_templates(tok_dir, tokenizer), progress=False)
+                outcomes.append({"tokens": int(result.tokens.sum()), "samples": len(result)})
+            except DataError as e:
+                outcomes.append({"error": str(e)})
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(outcomes, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_rank_zero_tokenizes_and_the_other_ranks_reuse_its_cache_or_its_error(tmp_path, tok_dir):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"messages": CONVERSATION}] * 3)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": CONVERSATION}] * 3 + [{"messages": CONVERSATION[:2]}])
+    torch.multiprocessing.spawn(_tokenize_on_rank, nprocs=2,
+                                args=(2, str(tmp_path / "store"), tok_dir, [good, bad], str(tmp_path)))
+    outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0]["samples"] == 3
+    assert outcomes[0][1]["error"].startswith(f"sample 4 of {bad} (line 4) has no assistant token")
 
 
 # ---- tools/preprocess_sft.py ---------------------------------------------------------------------------
