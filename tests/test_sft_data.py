@@ -384,15 +384,16 @@ def test_datasets_split_and_reuse_the_cache(tmp_path, tok_dir, monkeypatch):
         build_sft_datasets(*sft_configs([path], tok_dir), seq_length=64, seed=0)
 
 
-def test_a_damaged_cache_is_rebuilt(tmp_path, tok_dir, tokenizer, caplog):
+@pytest.mark.parametrize("damage, warning", [("-tokens.npy", "unreadable"), ("-description.json", "do not fit")])
+def test_a_damaged_cache_is_rebuilt(tmp_path, tok_dir, tokenizer, caplog, damage, warning):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 3)
     templates = load_chat_templates(tok_dir, tokenizer)
     first = tokenized_file(path, tokenizer, templates, progress=False)
-    tokens_file = next(p for p in (tmp_path / "cache").iterdir() if p.name.endswith("-tokens.npy"))
-    tokens_file.write_bytes(b"garbage")
+    damaged = next(p for p in (tmp_path / "cache").iterdir() if p.name.endswith(damage))
+    damaged.write_text("garbage" if damage.endswith(".npy") else json.dumps({"samples": 2}))
     again = tokenized_file(path, tokenizer, templates, progress=False)
-    assert "unreadable" in caplog.text
-    assert np.array_equal(first.tokens, again.tokens)
+    assert warning in caplog.text
+    assert np.array_equal(first.tokens, again.tokens) and np.array_equal(first.offsets, again.offsets)
 
 
 def _tokenize_on_rank(rank, world_size, store, tok_dir, paths, out_dir):

@@ -155,8 +155,9 @@ class ChatTemplate:
                                                 add_generation_prompt=add_generation_prompt,
                                                 **self.special_tokens):
                 chunks.append(chunk)
-        except jinja2.TemplateError as e:
-            raise DataError(f"{where}: the chat template {self.source} rejects it: {e}") from None
+        except Exception as e:  # a template is code: whatever it raises is its verdict on this sample
+            kind = "" if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: "
+            raise DataError(f"{where}: the chat template {self.source} rejects it: {kind}{e}") from None
         finally:
             _GENERATION_TRACKER.reset(token)
         return "".join(chunks), spans

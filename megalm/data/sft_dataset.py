@@ -154,17 +154,22 @@ _CACHE_PARTS = {"tokens": np.int32, "loss_mask": np.uint8, "offsets": np.int64}
 
 
 def _load_cached(stem: str, path: str) -> Optional[TokenizedSamples]:
+    """The cached samples, or None when there are none (or, with a warning, when the files are
+    unreadable or do not fit together: a crash between two writes, another tool's file)."""
     if not os.path.isfile(f"{stem}-description.json"):
         return None
     try:
+        with open(f"{stem}-description.json") as f:
+            described = int(json.load(f)["samples"])
         arrays = {part: np.load(f"{stem}-{part}.npy", mmap_mode="r", allow_pickle=False) for part in _CACHE_PARTS}
-    except (OSError, ValueError, EOFError) as e:
-        logger.warning("cached SFT samples %s-*.npy are unreadable (%s): tokenizing %s again", stem, e, path)
+    except (OSError, ValueError, EOFError, LookupError, TypeError) as e:
+        logger.warning("cached SFT samples %s-* are unreadable (%s): tokenizing %s again", stem, e, path)
         return None
     offsets = arrays["offsets"]
     fits = (all(arrays[p].dtype == np.dtype(t) and arrays[p].ndim == 1 for p, t in _CACHE_PARTS.items())
-            and len(offsets) >= 2 and offsets[0] == 0 and len(arrays["tokens"]) == len(arrays["loss_mask"])
-            == offsets[-1] and bool(np.all(np.diff(offsets) > 0)))
+            and len(offsets) == described + 1 and described >= 1 and offsets[0] == 0
+            and len(arrays["tokens"]) == len(arrays["loss_mask"]) == offsets[-1]
+            and bool(np.all(np.diff(offsets) > 0)))
     if not fits:
         logger.warning("cached SFT samples %s-*.npy do not fit together: tokenizing %s again", stem, path)
         return None
@@ -364,8 +369,14 @@ def build_sft_datasets(data_config, posttrain_config, seq_length: int, seed: int
             raise DataError(f"{', '.join(paths)}: {len(samples)} samples are too few to give the train split "
                             f"any (--split {data_config.split}); use more samples or change --split")
         requested = num_samples[s] if num_samples else None
-        datasets.append(SFTDataset(samples, ids, seq_length, pad_token_id(tokenizer), seed,
-                                   posttrain_config.packing, posttrain_config.train_on_prompt, requested, name))
+        try:
+            datasets.append(SFTDataset(samples, ids, seq_length, pad_token_id(tokenizer), seed,
+                                       posttrain_config.packing, posttrain_config.train_on_prompt, requested, name))
+        except DataError as e:
+            if name == "train":
+                raise
+            logger.warning("no %s data: %s", name, e)
+            datasets.append(None)
     return tuple(datasets)
 
 
