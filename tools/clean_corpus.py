@@ -21,6 +21,8 @@ from megalm.data.cli import ArgumentParser, add_dataclass_flags, dataclass_from_
 
 def parse_args(argv=None):
     from megalm.data.clean import CleanConfig
+    from megalm.data.filters import FilterConfig
+    from megalm.data.pii import PIIConfig
     from megalm.data.quality import QualityConfig
 
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -31,8 +33,10 @@ def parse_args(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
     add_dataclass_flags(parser, CleanConfig, "cleaning steps")
     add_dataclass_flags(parser, QualityConfig, "quality rules (with --quality; Gopher defaults)")
+    add_dataclass_flags(parser, PIIConfig, "PII redaction (each kind on by default)")
+    add_dataclass_flags(parser, FilterConfig, "harmful-content filters (off until given a list or function)")
     args = parser.parse_args(argv)
-    return args, dataclass_from_args(CleanConfig, args), dataclass_from_args(QualityConfig, args)
+    return args, [dataclass_from_args(cls, args) for cls in (CleanConfig, QualityConfig, PIIConfig, FilterConfig)]
 
 
 def main(argv=None) -> int:
@@ -41,7 +45,7 @@ def main(argv=None) -> int:
     from megalm.data.errors import DataError
     from megalm.data.progress import Progress, total_bytes
 
-    args, config, quality = parse_args(argv)
+    args, (config, quality, pii, filters) = parse_args(argv)
     check_inputs(args.input)
     if args.workers < 1:
         raise DataError(f"--workers must be at least 1, got {args.workers}")
@@ -51,7 +55,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     with Progress("cleaning", total_bytes(args.input), enabled=False if args.no_progress else None) as bar:
         counts = clean_corpus(args.input, args.output, config, quality, rejected=args.rejected,
-                              workers=args.workers, progress=lambda n, d: bar.update(n, d))
+                              workers=args.workers, progress=lambda n, d: bar.update(n, d), pii=pii,
+                              filters=filters)
     counts["seconds"] = round(time.perf_counter() - start, 2)
     print(summary_table(counts))
     print(json.dumps(counts))
