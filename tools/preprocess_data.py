@@ -5,10 +5,12 @@
         --tokenizer-type MegaBPE --tokenizer-model tok/ --append-eod --workers 4
 
 writes data/corpus_text_document.bin/.idx (one pair per --json-keys key), which --data-path
-data/corpus_text_document then reads. Tokens are uint16 when the vocabulary has fewer than 65,500
-ids, int32 otherwise. Files appear under their final names only when the run completes. A line
-that is not JSON is skipped and counted (--strict: stop at it); a record without a --json-keys
-key stops the run with its line number.
+data/corpus_text_document then reads. --engine spark tokenizes on Spark (--input may then be any
+Hadoop-readable URI; the output prefix must be a path every executor can write) into the same bytes.
+Tokens are uint16 when the vocabulary has fewer than 65,500 ids, int32 otherwise. Files appear
+under their final names only when the run completes. A line that is not JSON is skipped and
+counted (--strict: stop at it); a record without a --json-keys key stops the run with its line
+number.
 """
 
 import argparse
@@ -44,7 +46,11 @@ def parse_args(argv=None):
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True, help="Writes PREFIX_{key}_document.bin/.idx.")
     group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=int, default=1, help="Tokenizer processes.")
+    group.add_argument("--workers", type=int, default=1, help="Tokenizer processes (local engine).")
+    group.add_argument("--engine", default="local", choices=["local", "spark"],
+                       help="local: worker processes on this machine; spark: PySpark (pip install megalm[spark]), "
+                            "one .bin/.idx pair per partition, merged into the same files as the local engine's.")
+    group.add_argument("--spark-master", help="Spark master URL (default: spark-submit's, else local[*]).")
     group.add_argument("--log-interval", type=int, default=1000, help="Accepted for Megatron-LM compatibility; "
                        "progress is shown by the progress bar.")
     group.add_argument("--no-progress", action="store_true", help="No progress bar.")
@@ -54,97 +60,77 @@ def parse_args(argv=None):
 _worker: dict = {}
 
 
+def _encoder_args(args) -> tuple:
+    """RecordEncoder's arguments: small and picklable, for worker processes and Spark executors."""
+    from megalm.data.encode import TokenizerSpec
+
+    spec = TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
+    return spec, args.json_keys, args.append_eod
+
+
 def _init_worker(args) -> None:
-    from megalm.data.tokenizer import load_tokenizer
+    from megalm.data.encode import RecordEncoder
 
-    tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
-                               args.vocab_size)
-    _worker.update(tokenizer=tokenizer, keys=args.json_keys, append_eod=args.append_eod, strict=args.strict,
-                   dtype=_dtype(tokenizer))
-
-
-def _dtype(tokenizer):
-    from megalm.data.indexed_dataset import token_dtype
-    return token_dtype(tokenizer.vocab_size)
+    _worker["encoder"] = RecordEncoder(*_encoder_args(args))
 
 
 def _encode_batch(batch):
-    """[(size, {key: tokens} or None, error kind or None, error or None, invalid UTF-8 replaced)]
-    for a batch of raw records."""
-    import numpy as np
-
-    from megalm.data.corpus import RecordError, parse_record
-
-    tokenizer, keys = _worker["tokenizer"], _worker["keys"]
-    out = []
-    for raw in batch:
-        try:
-            record, replaced = parse_record(raw, keys)
-        except RecordError as e:
-            out.append((raw.size, None, e.kind, str(e), False))
-            continue
-        encoded = {}
-        try:
-            for key in keys:
-                ids = tokenizer.encode(record[key])
-                if _worker["append_eod"]:
-                    ids.append(tokenizer.eod)
-                encoded[key] = np.asarray(ids, dtype=_worker["dtype"])
-        except ValueError as e:
-            out.append((raw.size, None, "tokenizer", f"{raw.source}:{raw.line}: {e}", replaced))
-            continue
-        out.append((raw.size, encoded, None, None, replaced))
-    return out
+    encoder = _worker["encoder"]
+    return [encoder.encode(raw) for raw in batch]
 
 
-def main(argv=None) -> int:
-    from megalm.data.corpus import check_inputs, invalid_utf8_note, iter_raw
-    from megalm.data.errors import DataError
+def _tokenize_local(args, prefixes: dict, dtype) -> dict:
+    from megalm.data.corpus import iter_raw
+    from megalm.data.encode import add_encoded, new_stats
     from megalm.data.indexed_dataset import IndexedDatasetBuilder
     from megalm.data.progress import Progress, total_bytes
     from megalm.data.workers import batches_by_size, ordered_map, worker_pool
 
-    args = parse_args(argv)
-    check_inputs(args.input)
-    if args.workers < 1:
-        raise DataError(f"--workers must be at least 1, got {args.workers}")
-    _init_worker(args)  # fails early, in the main process, on a bad tokenizer
-    tokenizer = _worker["tokenizer"]
-    if args.append_eod and tokenizer.eod is None:
-        raise DataError(f"--append-eod: the {tokenizer.name} tokenizer has no end-of-document token")
-    if os.path.dirname(args.output_prefix):
-        os.makedirs(os.path.dirname(args.output_prefix), exist_ok=True)
-    prefixes = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
-    builders = {key: IndexedDatasetBuilder(prefix, _dtype(tokenizer)) for key, prefix in prefixes.items()}
-    stats = {"documents": 0, "tokens": 0, "malformed": 0, "invalid_utf8": 0}
-    start = time.perf_counter()
+    builders = {key: IndexedDatasetBuilder(prefix, dtype) for key, prefix in prefixes.items()}
+    stats = new_stats()
     try:
         batches = batches_by_size(iter_raw(args.input, args.text_sample_by), max_records=1024)
         with worker_pool(args.workers, _init_worker if args.workers > 1 else None, (args,)) as pool, \
                 Progress("tokenizing", total_bytes(args.input), enabled=False if args.no_progress else None) as bar:
             for result in ordered_map(pool, _encode_batch, batches):
-                tokens = documents = nbytes = 0
-                for size, encoded, kind, error, replaced in result:
-                    nbytes += size
-                    stats["invalid_utf8"] += replaced
-                    if encoded is None:
-                        if kind != "malformed" or args.strict:
-                            raise DataError(error + (" (--strict)" if kind == "malformed" else ""))
-                        stats["malformed"] += 1
-                        continue
-                    for key, ids in encoded.items():
-                        builders[key].add_document(ids)
-                        tokens += len(ids)
-                    documents += 1
-                stats["documents"] += documents
-                stats["tokens"] += tokens
-                bar.update(nbytes, documents, tokens)
+                documents, tokens = stats["documents"], stats["tokens"]
+                for encoded in result:
+                    add_encoded(encoded, builders, stats, args.strict)
+                bar.update(sum(e.size for e in result), stats["documents"] - documents, stats["tokens"] - tokens)
         for builder in builders.values():
             builder.finalize()
     except BaseException:
         for builder in builders.values():
             builder.discard()
         raise
+    return stats
+
+
+def main(argv=None) -> int:
+    from megalm.data.corpus import check_inputs, invalid_utf8_note
+    from megalm.data.errors import DataError
+
+    args = parse_args(argv)
+    if args.engine == "local":
+        check_inputs(args.input)
+    if args.workers < 1:
+        raise DataError(f"--workers must be at least 1, got {args.workers}")
+    _init_worker(args)  # fails early, in the main process, on a bad tokenizer
+    tokenizer, dtype = _worker["encoder"].tokenizer, _worker["encoder"].dtype
+    if args.append_eod and tokenizer.eod is None:
+        raise DataError(f"--append-eod: the {tokenizer.name} tokenizer has no end-of-document token")
+    if os.path.dirname(args.output_prefix):
+        os.makedirs(os.path.dirname(args.output_prefix), exist_ok=True)
+    prefixes = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
+    start = time.perf_counter()
+    if args.engine == "spark":
+        from megalm.data.spark_engine import spark_session, tokenize_on_spark
+
+        spark = spark_session(args.spark_master, "megalm preprocess_data")
+        stats = tokenize_on_spark(spark, args.input, args.text_sample_by, _encoder_args(args), prefixes, dtype,
+                                  args.strict)
+    else:
+        stats = _tokenize_local(args, prefixes, dtype)
     seconds = time.perf_counter() - start
     if stats["malformed"]:
         print(f"skipped {stats['malformed']} malformed lines (--strict makes them fatal)", file=sys.stderr)
