@@ -225,6 +225,25 @@ def test_megabpe_byte_offsets_give_the_same_masks_as_the_tokenizers_library(tmp_
     assert trained_text(megabpe, default_ids, default_mask) == ["Paris.<|im_end|>\n", "Eight legs.<|im_end|>\n"]
 
 
+def test_tokens_merged_across_a_turn_boundary_are_masked_by_overlap_and_counted(tmp_path, caplog):
+    """GPT-4's pre-tokenizer joins newlines, so the template's newline after "assistant" and a message's
+    leading one become one token: the assistant's characters overlap it, so it is trained."""
+    from megalm.data.tokenizer.bpe_train import train_bpe
+
+    megabpe = train_bpe([CORPUS + "answer:\n\nyes\n\n" * 20], vocab_size=330, special_tokens=SPECIALS,
+                        min_frequency=1)
+    assert len(megabpe.encode("\n\n")) == 1
+    megabpe.save(str(tmp_path / "tokenizer.json"))
+    messages = CONVERSATION[1:2] + [{"role": "assistant", "content": "\nParis."}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": messages}])
+    samples = tokenized_file(path, megabpe, load_chat_templates(None, megabpe), progress=False)
+    assert "in 1 of 2 samples the tokenizer merges text across a turn boundary" in caplog.text
+    ids, mask = samples.get(1)
+    assert trained_text(megabpe, ids, mask) == ["\n\nParis.<|im_end|>\n"]
+    assert megabpe.decode(ids) == "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n" \
+                                  "<|im_start|>assistant\n\nParis.<|im_end|>\n"
+
+
 def test_prefix_breaking_template_is_reported(tmp_path, tokenizer):
     template = tmp_path / "qwen3_like.jinja"
     template.write_text(DROPS_EARLIER_THINKING)

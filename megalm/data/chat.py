@@ -29,10 +29,14 @@ Loss masks of conversations, two ways:
 - Any other template, by rendering prefixes: for each assistant message, the conversation before it
   with ``add_generation_prompt=True`` and the conversation up to and including it; the tokens
   between the two are the assistant's (its content and the end-of-turn marker the template writes).
-  This needs every rendered prefix to be a prefix of the whole rendered conversation, as text and
-  as token ids. Templates that rewrite earlier turns once later ones exist (Qwen3's drops the
-  ``<think>`` blocks of assistant turns before the last user message) break it; that is an error
-  naming the template and the sample, never a silently shifted mask.
+  This needs every rendered prefix to be a prefix of the whole rendered conversation. Templates
+  that rewrite earlier turns once later ones exist (Qwen3's drops the ``<think>`` blocks of
+  assistant turns before the last user message) break it; that is an error naming the template
+  and the sample, never a silently shifted mask. The prefixes' token ids are compared too: where
+  the tokenizer merges text across a turn boundary into one token (a message that starts with a
+  newline, under a pre-tokenizer that joins newlines), that sample is masked by the rule of the
+  first way instead (a token overlapping the assistant's characters is trained), and the samples
+  so masked are counted in one warning per file.
 
 A sample with no token to train on is an error naming it ("sample 17 of FILE has no assistant
 token to train on"), as are bad JSON, an unknown format, empty messages and a role the template
@@ -45,6 +49,7 @@ import contextvars
 import json
 import os
 import re
+from collections import Counter
 from datetime import datetime
 from typing import Optional, Sequence
 
@@ -269,19 +274,22 @@ def _special_tokens(config: dict, tokenizer) -> dict:
 # ---- samples -> token ids and loss masks ---------------------------------------------------------
 
 
-def encode_sample(record, tokenizer, templates: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
+def encode_sample(record, tokenizer, templates: dict, where: str,
+                  notes: Optional[Counter] = None) -> tuple[np.ndarray, np.ndarray]:
     """(token ids int32 [n], loss mask uint8 [n]) of one jsonl record; mask 1 = trained on.
 
-    `where` names the sample in errors ("sample 17 of FILE (line 18)")."""
+    `where` names the sample in errors ("sample 17 of FILE (line 18)"); `notes` counts samples
+    masked by the fallback rule of `_mask_by_prefixes`."""
     if not isinstance(record, dict):
         raise DataError(f"{where} is a JSON {type(record).__name__}, not an object with \"messages\", "
                         f"\"prompt\" and \"completion\", or \"text\"")
     if "messages" in record:
         messages = _check_messages(record["messages"], where, "messages")
         tools = _check_tools(record.get("tools"), where)
-        ids, mask = _encode_conversation(messages, tools, tokenizer, select_template(templates, tools), where)
+        ids, mask = _encode_conversation(messages, tools, tokenizer, select_template(templates, tools), where,
+                                         notes)
     elif "prompt" in record and "completion" in record:
-        ids, mask = _encode_prompt_completion(record, tokenizer, templates, where)
+        ids, mask = _encode_prompt_completion(record, tokenizer, templates, where, notes)
     elif "text" in record:
         if not isinstance(record["text"], str):
             raise DataError(f"{where}: \"text\" should be a string, not {type(record['text']).__name__}")
@@ -325,7 +333,7 @@ def _check_tools(tools, where: str) -> Optional[list]:
     raise DataError(f"{where}: \"tools\" should be a list of JSON schema objects")
 
 
-def _encode_prompt_completion(record: dict, tokenizer, templates: dict, where: str):
+def _encode_prompt_completion(record: dict, tokenizer, templates: dict, where: str, notes: Optional[Counter]):
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, str) and isinstance(completion, str):
         prompt_ids = tokenizer.encode(prompt)
@@ -337,18 +345,19 @@ def _encode_prompt_completion(record: dict, tokenizer, templates: dict, where: s
         tools = _check_tools(record.get("tools"), where)
         template = select_template(templates, tools)
         return _mask_by_prefixes(prompt + completion, tools, tokenizer, template, where,
-                                 [(len(prompt), len(prompt) + len(completion))])
+                                 [(len(prompt), len(prompt) + len(completion))], notes)
     raise DataError(f"{where}: \"prompt\" and \"completion\" should both be strings or both be lists of "
                     f"messages, got {type(prompt).__name__} and {type(completion).__name__}")
 
 
-def _encode_conversation(messages: list, tools, tokenizer, template: ChatTemplate, where: str):
+def _encode_conversation(messages: list, tools, tokenizer, template: ChatTemplate, where: str,
+                         notes: Optional[Counter]):
     if template.has_generation_blocks:
         text, spans = template.render_spans(messages, tools, where)
         ids, offsets = token_offsets(tokenizer, text)
         return ids, _overlap_mask(offsets, spans)
     turns = [(k, k + 1) for k, m in enumerate(messages) if m["role"] == "assistant"]
-    return _mask_by_prefixes(messages, tools, tokenizer, template, where, turns)
+    return _mask_by_prefixes(messages, tools, tokenizer, template, where, turns, notes)
 
 
 def _overlap_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list:
@@ -366,54 +375,57 @@ def _overlap_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int,
 
 
 def _mask_by_prefixes(messages: list, tools, tokenizer, template: ChatTemplate, where: str,
-                      trained: Sequence[tuple[int, int]]):
+                      trained: Sequence[tuple[int, int]], notes: Optional[Counter] = None):
     """Token ids of the whole conversation, and a mask of 1 on the tokens that messages[i:j] add for
     each (i, j) in `trained`: those between the rendering of messages[:i] with the generation prompt
-    and the rendering of messages[:j]."""
+    and the rendering of messages[:j].
+
+    Each rendered prefix must start the whole rendering (else the template rewrites earlier turns:
+    an error). Its tokens are then nearly always the first tokens of the whole; where the tokenizer
+    merges text across a turn boundary (a message that starts with a newline after the template's
+    own), the mask follows transformers' rule for generation blocks instead: a token overlapping
+    the assistant's characters is trained. `notes["merged_across_turns"]` counts those samples."""
     full = template.render(messages, tools, where=where)
-    ids = tokenizer.encode(full)
-    mask = [0] * len(ids)
-    prefix_lengths = {}
+    prefixes = {}
 
-    def tokens_before(count: int, generation_prompt: bool) -> int:
-        key = (count, generation_prompt)
-        if key not in prefix_lengths:
+    def end_of(count: int, generation_prompt: bool) -> int:
+        if (count, generation_prompt) not in prefixes:
             text = template.render(messages[:count], tools, generation_prompt, where)
-            prefix_lengths[key] = _prefix_token_count(text, full, ids, tokenizer, template, where, count,
-                                                      generation_prompt)
-        return prefix_lengths[key]
+            _check_prefix(text, full, template, where, count, generation_prompt)
+            prefixes[count, generation_prompt] = text
+        return len(prefixes[count, generation_prompt])
 
-    for start, end in trained:
-        begin = tokens_before(start, True)
-        finish = len(ids) if end == len(messages) else tokens_before(end, False)
-        mask[begin:finish] = [1] * (finish - begin)
+    spans = [(end_of(i, True), len(full) if j == len(messages) else end_of(j, False)) for i, j in trained]
+    ids = tokenizer.encode(full)
+    token_ends = {len(full): len(ids)}  # character offset of a boundary -> tokens before it
+    for text in set(prefixes.values()):
+        prefix_ids = list(tokenizer.encode(text))
+        if ids[: len(prefix_ids)] != prefix_ids:
+            if notes is not None:
+                notes["merged_across_turns"] += 1
+            ids, offsets = token_offsets(tokenizer, full)
+            return ids, _overlap_mask(offsets, spans)
+        token_ends[len(text)] = len(prefix_ids)
+    mask = [0] * len(ids)
+    for start, end in spans:
+        mask[token_ends[start]: token_ends[end]] = [1] * (token_ends[end] - token_ends[start])
     return ids, mask
 
 
-def _prefix_token_count(prefix: str, full: str, ids: list, tokenizer, template: ChatTemplate, where: str,
-                        count: int, generation_prompt: bool) -> int:
-    """len(tokens of `prefix`), after checking that they are the first tokens of the conversation."""
+def _check_prefix(prefix: str, full: str, template: ChatTemplate, where: str, count: int,
+                  generation_prompt: bool) -> None:
+    if full.startswith(prefix):
+        return
     what = (f"the first {count} message{'s' if count != 1 else ''}"
             f"{' with add_generation_prompt' if generation_prompt else ''}")
-    if not full.startswith(prefix):
-        at = next((k for k, (a, b) in enumerate(zip(prefix, full)) if a != b), min(len(prefix), len(full)))
-        raise DataError(
-            f"{where}: the chat template {template.source} renders {what} as text that is not the start of the "
-            f"whole conversation (they part at character {at}: {prefix[at:at + 40]!r} vs {full[at:at + 40]!r}), "
-            f"so the assistant tokens cannot be found by rendering prefixes. Templates that rewrite earlier turns "
-            f"(like Qwen3's, which drops the <think> blocks of earlier assistant turns) need "
-            f"{{% generation %}}...{{% endgeneration %}} around the assistant output, or give a template that "
-            f"renders every turn the same whatever follows it with --chat-template PATH")
-    prefix_ids = tokenizer.encode(prefix)
-    if ids[: len(prefix_ids)] != list(prefix_ids):
-        at = next((k for k, (a, b) in enumerate(zip(prefix_ids, ids)) if a != b), len(ids))
-        raise DataError(
-            f"{where}: with the chat template {template.source}, {what} tokenize to ids that are not the first "
-            f"ids of the whole conversation (they part at token {at}: {tokenizer.decode(prefix_ids[at:at + 3])!r} "
-            f"vs {tokenizer.decode(ids[at:at + 3])!r}): the tokenizer merges text across the turn boundary. "
-            f"Strip leading whitespace from the message that follows, or end the template's turns with a "
-            f"special token")
-    return len(prefix_ids)
+    at = next((k for k, (a, b) in enumerate(zip(prefix, full)) if a != b), min(len(prefix), len(full)))
+    raise DataError(
+        f"{where}: the chat template {template.source} renders {what} as text that is not the start of the "
+        f"whole conversation (they part at character {at}: {prefix[at:at + 40]!r} vs {full[at:at + 40]!r}), "
+        f"so the assistant tokens cannot be found by rendering prefixes. Templates that rewrite earlier turns "
+        f"(like Qwen3's, which drops the <think> blocks of earlier assistant turns) need "
+        f"{{% generation %}}...{{% endgeneration %}} around the assistant output, or give a template that "
+        f"renders every turn the same whatever follows it with --chat-template PATH")
 
 
 def token_offsets(tokenizer, text: str) -> tuple[list, list]:

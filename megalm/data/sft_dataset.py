@@ -26,6 +26,12 @@ its first seq_length + 1 (counted, one warning); if no trained token is left, it
 several samples, never splitting one: best-fit decreasing (samples by length, longest first, each
 into the row whose free space fits it most tightly, a new row when none does), deterministic for
 given data. Rows are shuffled with the seed, a fresh order every epoch.
+
+    train, valid, test = build_sft_datasets(config.data, config.posttrain, seq_length, seed,
+                                            num_samples=[train_rows, valid_rows, 0])
+    loader = DataLoader(train, batch_sampler=PretrainingSampler(len(train), consumed, micro_batch_size,
+                                                                dp_rank, dp_size), collate_fn=collate_sft)
+    next(iter(loader))["labels"]        # [micro_batch_size, seq_length] int64
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from typing import Optional, Sequence
 
 import numpy as np
@@ -75,13 +82,13 @@ def tokenize_file(path: str, tokenizer, templates: dict, progress: Optional[bool
     from megalm.data.chat import encode_sample
     from megalm.data.progress import Progress
 
-    tokens, masks, lengths = [], [], []
+    tokens, masks, lengths, notes = [], [], [], Counter()
     with open(path, "rb") as f, Progress(f"tokenizing {os.path.basename(path)}", os.path.getsize(path),
                                          enabled=progress) as bar:
         for line_number, line in enumerate(f, start=1):
             if line.strip():
                 where = f"sample {len(lengths) + 1} of {path} (line {line_number})"
-                ids, mask = encode_sample(_parse_line(line, where), tokenizer, templates, where)
+                ids, mask = encode_sample(_parse_line(line, where), tokenizer, templates, where, notes)
                 tokens.append(ids)
                 masks.append(mask)
                 lengths.append(len(ids))
@@ -90,6 +97,10 @@ def tokenize_file(path: str, tokenizer, templates: dict, progress: Optional[bool
                 bar.update(len(line))
     if not lengths:
         raise DataError(f"{path} holds no samples: give a jsonl file with one JSON object per line")
+    if notes["merged_across_turns"]:
+        logger.warning("%s: in %d of %d samples the tokenizer merges text across a turn boundary (a message that "
+                       "starts with whitespace?): their tokens overlapping an assistant turn are trained on",
+                       path, notes["merged_across_turns"], len(lengths))
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     return TokenizedSamples(np.concatenate(tokens), np.concatenate(masks), offsets, path)
 
