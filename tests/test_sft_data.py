@@ -279,6 +279,15 @@ def test_bad_samples_are_errors_naming_file_and_line(tmp_path, tokenizer, line, 
     assert str(path) in str(e.value)
 
 
+def test_text_the_tokenizer_cannot_encode_names_the_sample(tmp_path):
+    from megalm.data.tokenizer.null import NullTokenizer
+
+    path = write_jsonl(tmp_path / "ids.jsonl", [{"text": "1 2 3"}, {"text": "1 two 3"}])
+    with pytest.raises(DataError, match=r"sample 2 of .*ids.jsonl \(line 2\): the NullTokenizer tokenizer cannot "
+                                        r"encode it: NullTokenizer reads space-separated integer ids"):
+        tokenized_file(path, NullTokenizer(10), {}, progress=False)
+
+
 def test_empty_completion_without_eod_is_an_error(tokenizer):
     class NoEod:
         eod = None

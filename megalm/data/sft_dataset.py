@@ -88,7 +88,13 @@ def tokenize_file(path: str, tokenizer, templates: dict, progress: Optional[bool
         for line_number, line in enumerate(f, start=1):
             if line.strip():
                 where = f"sample {len(lengths) + 1} of {path} (line {line_number})"
-                ids, mask = encode_sample(_parse_line(line, where), tokenizer, templates, where, notes)
+                record = _parse_line(line, where)
+                try:
+                    ids, mask = encode_sample(record, tokenizer, templates, where, notes)
+                except DataError:
+                    raise
+                except ValueError as e:  # the tokenizer's own complaint (NullTokenizer: not ids)
+                    raise DataError(f"{where}: the {tokenizer.name} tokenizer cannot encode it: {e}") from None
                 tokens.append(ids)
                 masks.append(mask)
                 lengths.append(len(ids))
