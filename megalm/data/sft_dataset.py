@@ -235,8 +235,9 @@ def _rank_zero_first(build):
 
 def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Rows of sample indices: longest sample first, each into the row with the least free space that
-    still fits it, else a new row. Ties go to the lower sample index, and among equally full rows to
-    the most recently opened one, so the result depends only on `lengths`."""
+    still fits it, else a new row. Equal lengths go in sample order, and among rows with the same free
+    space the one that reached it last is filled first, so the result depends only on `lengths`.
+    Finding that row is one scan of a `capacity + 1` flag array per sample (numpy)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and (lengths.max() > capacity or lengths.min() < 1):
         raise ValueError(f"sample lengths must be in [1, {capacity}]")
