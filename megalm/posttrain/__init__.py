@@ -1,0 +1,1 @@
+"""Post-training: LoRA / QLoRA adapters (`megalm.posttrain.lora`)."""
