@@ -9,10 +9,15 @@ A KV cache may hold a left-padded batch (prompts of different lengths generated 
 `left_padding` gives each row's count of padding slots, the model then numbers each row's positions
 from its first real token, and attention masks the padding keys. Each row computes what it would
 compute alone.
+
+Packed training rows carry `document_ids` [b, s]: each token attends only to the earlier tokens of
+its own document (`megalm.kernels.attention`), so that every document computes what it would
+compute alone. They need the whole sequence at once and are refused with a KV cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -114,7 +119,11 @@ class SelfAttention(nn.Module):
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear,
             init_method=scaled_init(std, config.num_layers), parallel=parallel)
 
-    def forward(self, x: torch.Tensor, rotary=None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary=None, kv_cache: Optional[KVCache] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if kv_cache is not None and document_ids is not None:
+            raise ValueError("attention: document_ids mask packed training sequences; decoding with a KV cache "
+                             "takes none (generate one document per row)")
         qkv = self.linear_qkv(x)  # [b, s, (nq + 2 g) d / TP]: the whole sequence, also under SP
         b, s = qkv.shape[:2]
         r = self.num_heads // self.num_groups
@@ -137,15 +146,16 @@ class SelfAttention(nn.Module):
         if self.recompute_core and torch.is_grad_enabled():
             # Selective recompute (Korthikanti et al. 2022): keep q, k, v, recompute the core.
             out = torch.utils.checkpoint.checkpoint(
-                self.core_attention, q, k, v, dropout_p, use_reentrant=False,
+                self.core_attention, q, k, v, dropout_p, document_ids, use_reentrant=False,
                 context_fn=checkpoint_context_fn(self.rng_tracker) if self.rng_tracker else noop_context_fn)
         else:
-            out = self.core_attention(q, k, v, dropout_p)
+            out = self.core_attention(q, k, v, dropout_p, document_ids)
         return self.linear_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
-    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d)) v with the causal mask: [b, s, nq, d] -> [b, s, nq, d]."""
-        if self.rng_tracker is not None and dropout_p > 0:
-            with self.rng_tracker.fork():
-                return attention(q, k, v, causal=True, dropout_p=dropout_p, backend=self.backend)
-        return attention(q, k, v, causal=True, dropout_p=dropout_p, backend=self.backend)
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                       document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v with the causal mask (and the document mask, given document ids
+        [b, s]): [b, s, nq, d] -> [b, s, nq, d]."""
+        with self.rng_tracker.fork() if self.rng_tracker is not None and dropout_p > 0 else contextlib.nullcontext():
+            return attention(q, k, v, causal=True, dropout_p=dropout_p, backend=self.backend,
+                             document_ids=document_ids)

@@ -9,6 +9,10 @@ Activations are batch-first, [b, s, h]. With labels the forward returns the mean
 the tokens whose label is not `ignore_index`; the output layer and the loss can be fused so that
 the [tokens x vocab] logits never exist (`--cross-entropy-fusion`).
 
+Packed sequences: `position_ids` [b, s] number each token inside its document (learned positions
+or RoPE read them instead of 0 .. s-1) and `document_ids` [b, s] keep every layer's attention inside
+a document, so each document gets the logits, loss and gradients it would get alone.
+
 Model parallelism (`megalm.parallel`): given a `ParallelState`, the layers are split across
 tensor-parallel ranks (heads, FFN, vocabulary; with sequence parallelism the residual stream is
 [b, s / TP, h]), and a model built for pipeline rank p and virtual stage v holds only its layers:
@@ -84,8 +88,9 @@ class TransformerLayer(nn.Module):
         self.hidden_dropout = config.hidden_dropout
         self.dropout = _SequenceParallelDropout(config.hidden_dropout, parallel)
 
-    def forward(self, x: torch.Tensor, rotary=None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        h = self.self_attention(self.input_layernorm(x), rotary, kv_cache)
+    def forward(self, x: torch.Tensor, rotary=None, kv_cache: Optional[KVCache] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.self_attention(self.input_layernorm(x), rotary, kv_cache, document_ids)
         x = x + self.dropout(h, self.training)
         h = self.mlp(self.pre_mlp_layernorm(x))
         return x + self.dropout(h, self.training)
@@ -167,62 +172,81 @@ class GPTModel(nn.Module):
         """The hidden states a pipeline stage after the first starts from (sent by the previous one)."""
         self.input_tensor = tensor
 
-    def hidden_states(self, tokens: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, kv_cache: Optional[KVCache] = None,
+                      position_ids: Optional[torch.Tensor] = None,
+                      document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[b, s] token ids -> [b, s, h] final-normed hidden states.
 
-        On a pipeline stage the layers start from the input tensor unless the stage holds the
+        position_ids / document_ids [b, s]: packed sequences (see the module docstring). On a
+        pipeline stage the layers start from the input tensor unless the stage holds the
         embedding, and the result is normed only on the last stage. With sequence parallelism the
         result is this rank's [b, s / TP, h].
         """
         b, s = tokens.shape
+        self._check_packed_ids(tokens, kv_cache, position_ids, document_ids)
         offset = kv_cache.seq_len if kv_cache is not None else 0
         if offset + s > self.config.max_positions and self.position_embeddings is not None:
             raise ValueError(f"sequence of {offset + s} tokens is longer than the model's "
                              f"{self.config.max_positions} learned positions")
         x = self.embedding(tokens) if self.pre_process else self.input_tensor
-        rotary = None
         if kv_cache is not None and kv_cache.left_padding is not None:
             # Left-padded batch: each row counts its positions from its first real token.
             position_ids = kv_cache.position_ids(s)  # [b, s]
-            if self.position_embeddings is not None:
-                x = x + self.position_embeddings(position_ids)
-            elif self.rotary is not None:
-                rotary = self.rotary.at(position_ids)
-        elif self.position_embeddings is not None:
-            x = x + self._positions(offset, s, tokens.device)
+        rotary = None
+        if self.position_embeddings is not None:
+            ids = position_ids if position_ids is not None else torch.arange(offset, offset + s, device=tokens.device)
+            x = x + self._position_embeddings(ids)
         elif self.rotary is not None:
-            rotary = self.rotary(s, offset)
+            rotary = self.rotary(s, offset) if position_ids is None else self.rotary.at(position_ids)
         if self.pre_process:
             x = self.dropout(x, self.training)
-        x = self._run_layers(x, rotary, kv_cache)
+        x = self._run_layers(x, rotary, kv_cache, document_ids)
         if kv_cache is not None:
             kv_cache.advance(s)
         return self.final_layernorm(x) if self.post_process else x
 
-    def _positions(self, offset: int, s: int, device) -> torch.Tensor:
-        """Learned position embeddings of positions [offset, offset + s): [s, h], or this rank's
-        [s / TP, h] slice under sequence parallelism."""
-        positions = torch.arange(offset, offset + s, device=device)
-        if self.parallel.sequence_parallel:
-            positions = positions.chunk(self.parallel.tensor_model_parallel_size)[
-                self.parallel.tensor_model_parallel_rank]
-        return self.position_embeddings(positions)
+    def _check_packed_ids(self, tokens: torch.Tensor, kv_cache: Optional[KVCache], position_ids: Optional[torch.Tensor],
+                          document_ids: Optional[torch.Tensor]) -> None:
+        for name, ids in (("position_ids", position_ids), ("document_ids", document_ids)):
+            if ids is None:
+                continue
+            if kv_cache is not None:
+                raise ValueError(f"GPTModel: {name} describe packed training sequences; decoding with a KV cache "
+                                 f"takes none (the cache numbers the positions)")
+            if tuple(ids.shape) != tuple(tokens.shape) or ids.is_floating_point() or ids.dtype == torch.bool:
+                raise ValueError(f"GPTModel: {name} must be integers shaped like tokens {tuple(tokens.shape)}, "
+                                 f"got {ids.dtype} {tuple(ids.shape)}")
+        if position_ids is not None and position_ids.numel():
+            low, high = (int(v) for v in torch.aminmax(position_ids))
+            if low < 0 or (self.position_embeddings is not None and high >= self.config.max_positions):
+                bad = low if low < 0 else high
+                raise ValueError(f"GPTModel: position id {bad} is outside [0, {self.config.max_positions}) "
+                                 f"(the model's --max-position-embeddings)")
 
-    def _run_layers(self, x: torch.Tensor, rotary, kv_cache: Optional[KVCache]) -> torch.Tensor:
+    def _position_embeddings(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Learned position embeddings of position_ids ([s] or [b, s]): [.., s, h], or this rank's
+        [.., s / TP, h] slice under sequence parallelism."""
+        if self.parallel.sequence_parallel:
+            position_ids = position_ids.chunk(self.parallel.tensor_model_parallel_size, dim=-1)[
+                self.parallel.tensor_model_parallel_rank]
+        return self.position_embeddings(position_ids)
+
+    def _run_layers(self, x: torch.Tensor, rotary, kv_cache: Optional[KVCache],
+                    document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The layers, with full activation recompute where `--recompute-granularity full` asks:
         a checkpointed group keeps only its input and runs its forward again during the backward."""
         p = self.parallel
         if p.recompute_granularity != "full" or kv_cache is not None or not torch.is_grad_enabled():
             for layer in self.layers:
-                x = layer(x, rotary, kv_cache)
+                x = layer(x, rotary, kv_cache, document_ids)
             return x
         layers, n = list(self.layers), p.recompute_num_layers
         context_fn = checkpoint_context_fn(p.rng_tracker)
 
         def run(group):
-            def forward(h, rotary):
+            def forward(h, rotary, document_ids):
                 for layer in group:
-                    h = layer(h, rotary)
+                    h = layer(h, rotary, document_ids=document_ids)
                 return h
             return forward
 
@@ -232,18 +256,20 @@ class GPTModel(nn.Module):
             groups = [([layer], i < n) for i, layer in enumerate(layers)]
         for group, recompute in groups:
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(run(group), x, rotary, use_reentrant=False,
+                x = torch.utils.checkpoint.checkpoint(run(group), x, rotary, document_ids, use_reentrant=False,
                                                       context_fn=context_fn)
             else:
-                x = run(group)(x, rotary)
+                x = run(group)(x, rotary, document_ids)
         return x
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+                kv_cache: Optional[KVCache] = None, position_ids: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Without labels: logits [b, s, V]. With labels [b, s]: the mean loss over the tokens whose
         label is not -100, plus the MoE auxiliary losses in training (`megalm.model.moe`). A pipeline
-        stage before the last returns its hidden states [b, s, h]."""
-        h = self.hidden_states(tokens, kv_cache)
+        stage before the last returns its hidden states [b, s, h]. position_ids / document_ids [b, s]
+        describe packed sequences (module docstring); every pipeline stage needs them."""
+        h = self.hidden_states(tokens, kv_cache, position_ids, document_ids)
         if not self.post_process:
             aux = moe_aux_loss(self)  # reaches the gradient through the backward of the activations
             return h if aux is None else AuxLossAutoScaler.apply(h, aux)

@@ -36,6 +36,7 @@ import torch
 from megalm import checkpoint as ckpt
 from megalm.checkpoint.ranks import first_failure, on_every_rank
 from megalm.config import Config
+from megalm.data.documents import document_split
 from megalm.data.loader import pretraining_batches
 from megalm.model.moe import AuxLossAutoScaler, moe_aux_loss, update_expert_bias
 from megalm.parallel import pipeline
@@ -63,23 +64,44 @@ class TrainingError(RuntimeError):
 
 def build_data_iterator(dataset, consumed_samples: int, config: Config, state: ParallelState,
                         total_samples: Optional[int] = None) -> Iterator[dict]:
-    """This rank's micro-batches of `dataset` from sample `consumed_samples` (megalm.data.loader)."""
+    """This rank's micro-batches of `dataset` from sample `consumed_samples` (megalm.data.loader),
+    split into documents at the end-of-document token where --reset-position-ids,
+    --reset-attention-mask or --eod-mask-loss ask for it (megalm.data.documents)."""
     t, m = config.train, config.model
-    return pretraining_batches(dataset, consumed_samples, t.micro_batch_size, state.data_parallel_rank,
-                               state.data_parallel_size, config.data.num_workers, t.seed,
-                               pin_memory=state.device.type == "cuda", vocab_size=m.vocab_size or m.padded_vocab_size,
-                               total_samples=total_samples)
+    batches = pretraining_batches(dataset, consumed_samples, t.micro_batch_size, state.data_parallel_rank,
+                                  state.data_parallel_size, config.data.num_workers, t.seed,
+                                  pin_memory=state.device.type == "cuda",
+                                  vocab_size=m.vocab_size or m.padded_vocab_size, total_samples=total_samples)
+    split = document_split(config.data)
+    return batches if split is None else map(split, batches)
 
 
-def split_batch(batch: dict, device: torch.device):
-    """[b, s+1] tokens -> inputs [b, s] and next-token labels [b, s]."""
+def split_batch(batch: dict, device: torch.device) -> tuple:
+    """A micro-batch -> (tokens [b, s], labels [b, s]) on `device`.
+
+    A pre-training batch {"tokens": [b, s + 1]} is shifted here (next-token labels). A batch with
+    "labels" (post-training, or pre-training split into documents) is already shifted: its labels
+    are used as given, -100 where a token has no loss."""
+    if "labels" in batch:
+        return batch["tokens"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True)
     tokens = batch["tokens"].to(device, non_blocking=True)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    """The model's keyword arguments for a micro-batch: tokens and labels (`split_batch`), and the
+    batch's position_ids / document_ids [b, s] where it has them (packed documents)."""
+    tokens, labels = split_batch(batch, device)
+    inputs = {"tokens": tokens, "labels": labels}
+    inputs.update({key: batch[key].to(device, non_blocking=True)
+                   for key in ("position_ids", "document_ids") if key in batch})
+    return inputs
+
+
 def gpt_forward_step(batch: dict, model: torch.nn.Module) -> torch.Tensor:
-    tokens, labels = split_batch(batch, next(model.parameters()).device)
-    return model(tokens, labels)
+    """The micro-batch's loss. Every pipeline stage runs it on the whole batch: the stages after
+    the first take the token shape and the position / document ids from it."""
+    return model(**model_inputs(batch, next(model.parameters()).device))
 
 
 # ---------------------------------------------------------------------------------------- state
