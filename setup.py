@@ -86,7 +86,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megalm", "megalm.*"]),
     install_requires=read_requirements("requirements.txt"),
-    extras_require={"dev": read_requirements("requirements-dev.txt")},
+    extras_require={"dev": read_requirements("requirements-dev.txt"), "spark": ["pyspark>=3.5"]},
     ext_modules=cpp_extensions() + cuda_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
     zip_safe=False,
