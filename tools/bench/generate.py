@@ -66,8 +66,8 @@ def timed(fn, repeats: int):
     return statistics.median(times), out
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def compare(args) -> list[dict]:
+    """Decode with megalm and with HF generate for each batch size; prints the table, returns its rows."""
     import transformers
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") \
@@ -94,6 +94,7 @@ def main(argv=None) -> int:
           f"new tokens, greedy, torch {torch.__version__}, transformers {transformers.__version__}")
     print("| batch | megalm tokens/s | HF generate tokens/s | megalm / HF | same tokens |")
     print("|---|---|---|---|---|")
+    rows = []
     for batch in args.batch_sizes:
         prompts = torch.randint(0, args.vocab_size, (batch, args.prompt_tokens),
                                 generator=torch.Generator().manual_seed(batch))
@@ -103,7 +104,14 @@ def main(argv=None) -> int:
                                                      max_new_tokens=args.new_tokens, do_sample=False), args.repeats)
         same = [r.tokens for r in ours] == theirs[:, args.prompt_tokens:].tolist()
         n = batch * args.new_tokens
+        rows.append({"batch": batch, "megalm_tokens_per_s": n / t_ours, "hf_tokens_per_s": n / t_hf,
+                     "same_tokens": same})
         print(f"| {batch} | {n / t_ours:.1f} | {n / t_hf:.1f} | {t_hf / t_ours:.2f} | {'yes' if same else 'no'} |")
+    return rows
+
+
+def main(argv=None) -> int:
+    compare(parse_args(argv))
     return 0
 
 

@@ -116,13 +116,16 @@ def bench_rmsnorm(args):
         both.add(name, with_backward(fn, [x, w], dy), 5 * n * h * element, args)
     forward.print()
     both.print()
+    return [forward, both]
 
 
-def bench_attention(args):
-    heads, d, tokens, dtype = 16, 128, 16384, torch.bfloat16
-    for seq in (2048, 8192):
+def bench_attention(args, seqs=(2048, 8192), head_dims=(128,), kv_heads=16):
+    heads, tokens, dtype = 16, 16384, torch.bfloat16
+    tables = []
+    for seq, d in [(seq, d) for d in head_dims for seq in seqs]:
         b = tokens // seq
-        q, k, v = (torch.randn(b, seq, heads, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        q = torch.randn(b, seq, heads, d, device="cuda", dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(b, seq, kv_heads, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
         grad = torch.randn_like(q)
         flops = 4 * b * seq * seq * heads * d / 2  # causal: half the score matrix
         candidates = [("megalm triton", lambda: K.attention(q, k, v, causal=True, backend="triton")),
@@ -135,16 +138,18 @@ def bench_attention(args):
             candidates.append(("flash-attn", lambda: flash_attn_func(q, k, v, causal=True)))
         except ImportError:
             pass
-        forward = Table(f"Attention forward, causal, b={b} s={seq} heads={heads} d={d} {dtype}", "TFLOP/s")
-        both = Table(f"Attention forward + backward, causal, b={b} s={seq} heads={heads} d={d} {dtype}",
-                     "TFLOP/s")
+        shape = f"causal, b={b} s={seq} heads={heads} kv heads={kv_heads} d={d} {dtype}"
+        forward = Table(f"Attention forward, {shape}", "TFLOP/s")
+        both = Table(f"Attention forward + backward, {shape}", "TFLOP/s")
         for name, fn in candidates:
             with torch.no_grad():
                 forward.add(name, fn, flops, args)
             both.add(name, with_backward(fn, [q, k, v], grad), 3.5 * flops, args)
         forward.print()
         both.print()
+        tables += [forward, both]
         print(f"\n(auto chose: {sorted(set(attention_module._choice_cache.values()))})")
+    return tables
 
 
 def bench_linear_cross_entropy(args):
@@ -182,6 +187,7 @@ def bench_linear_cross_entropy(args):
             peak = ""
         table.add(name, step, 3 * 2 * n * h * vocab, args, peak)  # three matmuls of 2 n h V FLOPs
     table.print()
+    return [table]
 
 
 def bench_rope(args):

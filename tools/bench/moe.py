@@ -81,7 +81,8 @@ def time_fwd_bwd(fn, x, params, warmup: int, reps: int) -> tuple:
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
-def bench(name: str, tokens: int, hidden: int, warmup: int, reps: int) -> str:
+def measure(name: str, tokens: int, hidden: int, warmup: int, reps: int) -> dict:
+    """Forward + backward of megalm's layer and of the loop: ms, peak GB, and their forward difference."""
     spec = SHAPES[name]
     config = ModelConfig(num_layers=1, hidden_size=hidden, num_attention_heads=16, swiglu=True,
                          add_bias_linear=False, num_experts=spec["num_experts"],
@@ -95,9 +96,14 @@ def bench(name: str, tokens: int, hidden: int, warmup: int, reps: int) -> str:
         diff = (layer(x).float() - loop_forward(layer, x).float()).abs().max().item()
     ours, ours_mem = time_fwd_bwd(layer, x, params, warmup, reps)
     loop, loop_mem = time_fwd_bwd(lambda t: loop_forward(layer, t), x, params, warmup, reps)
+    return {"megalm_ms": ours, "loop_ms": loop, "megalm_gb": ours_mem, "loop_gb": loop_mem, "diff": diff}
+
+
+def bench(name: str, tokens: int, hidden: int, warmup: int, reps: int) -> str:
+    spec, r = SHAPES[name], measure(name, tokens, hidden, warmup, reps)
     return (f"| {name} | {spec['num_experts']} | {spec['moe_router_topk']} | {spec['moe_ffn_hidden_size']} | "
-            f"{spec['shared'] or '-'} | {ours:.2f} | {loop:.2f} | **{loop / ours:.2f}x** (target "
-            f"{spec['target']}x) | {ours_mem:.2f} / {loop_mem:.2f} | {diff:.1e} |")
+            f"{spec['shared'] or '-'} | {r['megalm_ms']:.2f} | {r['loop_ms']:.2f} | **{r['loop_ms'] / r['megalm_ms']:.2f}x** "
+            f"(target {spec['target']}x) | {r['megalm_gb']:.2f} / {r['loop_gb']:.2f} | {r['diff']:.1e} |")
 
 
 def main() -> None:
