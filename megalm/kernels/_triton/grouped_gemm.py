@@ -3,6 +3,10 @@
 The tile table lives in device memory as plain int32 tensors indexed by program id (the Triton
 interpreter cannot follow pointers loaded from memory, and the compiled kernel needs none):
 tile_expert[p] (-1 past the last real tile), tile_row_start[p], tile_row_end[p].
+
+On a GPU the rest of the tile (BLOCK_N, BLOCK_K, warps, stages; BLOCK_M too for the weight
+gradient) is autotuned per (N, K, dtype) among configs pruned first to the shared memory of the
+architecture (`configs.shared_memory_prune`); under TRITON_INTERPRET fixed 16 x 16 x 16 tiles.
 """
 
 import torch
@@ -10,6 +14,7 @@ import triton
 import triton.language as tl
 
 from megalm.kernels._triton import triton_interpreting
+from megalm.kernels._triton.configs import pipelined_bytes, shared_memory_prune
 
 
 @triton.jit
@@ -61,10 +66,42 @@ def _weight_grad_kernel(DY, X, DW, OFFSETS, N, K, stride_dym, stride_xm, stride_
              acc.to(DW.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
 
 
-def _blocks():
-    if triton_interpreting():
-        return 16, 16, 16, 1
-    return 128, 128, 64, 8
+# The tile table is built on the host for one BLOCK_M, so the autotuners choose the rest of the tile.
+FORWARD_BLOCK_M = 128
+_INTERPRETER = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
+
+
+def _forward_shared_bytes(config, num_stages, args, _constexprs):
+    m, n, k = FORWARD_BLOCK_M, config["BLOCK_N"], config["BLOCK_K"]
+    return pipelined_bytes([(m, k), (k, n)], [], num_stages, args["X"].element_size())
+
+
+def _weight_grad_shared_bytes(config, num_stages, args, _constexprs):
+    m, n, k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    return pipelined_bytes([(n, m), (m, k)], [], num_stages, args["X"].element_size())
+
+
+def _configs(names, rows):
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
+
+
+# (BLOCK_N, BLOCK_K, warps, stages): the wide tiles suit the few large experts of Mixtral-like layers,
+# the narrow ones the many small experts of DeepSeek-MoE-like layers.
+FORWARD_CONFIGS = _configs(("BLOCK_N", "BLOCK_K"), [
+    (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3), (128, 128, 8, 3)])
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): BLOCK_M is the reduction over an expert's rows.
+WEIGHT_GRAD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [
+    (64, 128, 128, 8, 3), (32, 128, 128, 4, 4), (64, 64, 64, 4, 3), (64, 128, 256, 8, 3)])
+
+_grouped_gemm_tuned = triton.autotune(
+    FORWARD_CONFIGS, key=["N", "K"],
+    prune_configs_by={"early_config_prune": shared_memory_prune("grouped_gemm", _forward_shared_bytes)},
+)(_grouped_gemm_kernel)
+_weight_grad_tuned = triton.autotune(
+    WEIGHT_GRAD_CONFIGS, key=["N", "K"],
+    prune_configs_by={"early_config_prune": shared_memory_prune("grouped_gemm_weight_grad",
+                                                                _weight_grad_shared_bytes)},
+)(_weight_grad_kernel)
 
 
 def tile_table(tokens_per_expert: torch.Tensor, num_rows: int, block_m: int):
@@ -96,12 +133,14 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tens
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    block_m, block_n, block_k, warps = _blocks()
+    block_m = _INTERPRETER["BLOCK_M"] if triton_interpreting() else FORWARD_BLOCK_M
     table = tile_table(tokens_per_expert, m, block_m)
-    grid = (table[0].numel(), triton.cdiv(n, block_n))
-    _grouped_gemm_kernel[grid](x, w, y, *table, n, k, x.stride(0), w.stride(0), stride_bk, stride_bn, y.stride(0),
-                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                               num_stages=1 if triton_interpreting() else 3)
+    args = (x, w, y, *table, n, k, x.stride(0), w.stride(0), stride_bk, stride_bn, y.stride(0))
+    if triton_interpreting():
+        _grouped_gemm_kernel[(table[0].numel(), triton.cdiv(n, 16))](*args, **_INTERPRETER)
+    else:
+        _grouped_gemm_tuned[lambda meta: (table[0].numel(), triton.cdiv(n, meta["BLOCK_N"]))](
+            *args, BLOCK_M=block_m)
     return y
 
 
@@ -111,12 +150,10 @@ def grouped_gemm_weight_grad(dy: torch.Tensor, x: torch.Tensor, tokens_per_exper
     dw = torch.empty(num_experts, n, k, dtype=x.dtype, device=x.device)
     offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
     offsets[1:] = torch.cumsum(tokens_per_expert, 0)
+    args = (dy, x, dw, offsets, n, k, dy.stride(0), x.stride(0), dw.stride(0), dw.stride(1))
     if triton_interpreting():
-        block_m, block_n, block_k, warps = 16, 16, 16, 1
+        _weight_grad_kernel[(num_experts, triton.cdiv(n, 16), triton.cdiv(k, 16))](*args, **_INTERPRETER)
     else:
-        block_m, block_n, block_k, warps = 64, 128, 128, 8
-    grid = (num_experts, triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    _weight_grad_kernel[grid](dy, x, dw, offsets, n, k, dy.stride(0), x.stride(0), dw.stride(0), dw.stride(1),
-                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                              num_stages=1 if triton_interpreting() else 3)
+        _weight_grad_tuned[lambda meta: (num_experts, triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))](
+            *args)
     return dw
