@@ -313,7 +313,8 @@ def parse_args(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="list the steps and their estimated time, run nothing")
     parser.add_argument("--only", default=None, help=f"comma list of steps ({', '.join(s.name for s in STEPS)})")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per kernel measurement")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "gpu_suite"), help="directory for gpu_suite.json / .md (default runs/gpu_suite)")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "gpu_suite"),
+                        help="directory for gpu_suite.json / .md (default runs/gpu_suite)")
     return parser.parse_args(argv)
 
 
