@@ -91,15 +91,17 @@ def _named_legacy_state(config: Config, saved: dict) -> dict:
             "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in saved["param_groups"]]}
 
 
-def merge(src: str, verify: bool = True) -> dict:
+def merge(src: str, verify: bool = True, specs: Optional[Dict[str, Optional[tuple]]] = None) -> dict:
     """The full model of a checkpoint (a --save root or an iter_XXXXXXX directory), whatever its
     layout: {"weights", "optimizer" (name-keyed state or None), "scheduler", "loss_scaler",
-    "metadata", "config", "source"}."""
+    "metadata", "config", "source"}. `specs` (name -> partition, as `partition_specs` gives them)
+    names the tensors to merge when the model holds more than its config builds (LoRA adapters,
+    `megalm.posttrain.lora.partition_specs`)."""
     src = checkpoint_dir(src)
     meta = read_metadata(src)
     config = Config.from_dict(meta["config"])
     tp, pp, ep, weights, optim = _read_shards(src, meta, verify)
-    specs, experts = partition_specs(config), expert_names(config)
+    specs, experts = specs or partition_specs(config), expert_names(config)
     has_optimizer = len(optim) == tp * pp * ep
     first = optim.get((0, 0, 0))
     if has_optimizer and any(isinstance(i, int) for g in first["optimizer"]["param_groups"] for i in g["params"]):
@@ -132,15 +134,15 @@ def merge(src: str, verify: bool = True) -> dict:
             "loss_scaler": first["loss_scaler"] if has_optimizer else None}
 
 
-def open_checkpoint(path: str, verify: bool = True) -> dict:
+def open_checkpoint(path: str, verify: bool = True, specs: Optional[Dict[str, Optional[tuple]]] = None) -> dict:
     """The checkpoint at `path` (root or iter_XXXXXXX), read and verified, its weights those of the
     full model whatever the layout it was saved with: {"metadata", "model", "optimizer", "rng", "path"}
-    (the optimizer and RNG states only for a checkpoint saved by one process)."""
+    (the optimizer and RNG states only for a checkpoint saved by one process; `specs` as for `merge`)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
     path = checkpoint_dir(path)
     if layout_sizes(read_metadata(path)) != (1, 1, 1):
-        merged = merge(path, verify)
+        merged = merge(path, verify, specs)
         return {"metadata": merged["metadata"], "model": merged["weights"], "optimizer": None, "rng": None,
                 "path": path}
     return read_checkpoint(path, verify=verify)

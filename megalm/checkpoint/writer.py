@@ -167,12 +167,14 @@ def save_checkpoint(root: str, iteration: int, model, config: Config,
     return writer.final
 
 
-def save_weights(root: str, config: Config, weights: dict, extra_metadata: Optional[dict] = None) -> str:
+def save_weights(root: str, config: Config, weights: dict, extra_metadata: Optional[dict] = None,
+                 model=None) -> str:
     """A weights-only checkpoint (iteration 0) of the full model `weights` under `root`; returns its
-    directory. The tensors are checked against the model the config describes (names and shapes)
-    and written as they are (no dtype change); the recorded config points at the tokenizer copies
-    the checkpoint holds, so it stays usable when the original files move."""
-    model = meta_model(config.model)
+    directory. The tensors are checked against the model the config describes (names and shapes),
+    or against `model` (a module on the meta device: a model with LoRA adapters), and written as
+    they are (no dtype change); the recorded config points at the tokenizer copies the checkpoint
+    holds, so it stays usable when the original files move."""
+    model = meta_model(config.model) if model is None else model
     model.load_state_dict(weights, strict=True, assign=True)
     recorded = copy.deepcopy(config)
     d = config.data

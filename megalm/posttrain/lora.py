@@ -52,6 +52,7 @@ per-rank stream where it is split (`megalm.parallel.random`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -59,7 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megalm.config import PostTrainConfig
+from megalm.checkpoint import CheckpointError, checkpoint_config, checkpoint_dir, open_checkpoint, read_metadata
+from megalm.config import Config, PostTrainConfig
+from megalm.model import GPTModel
 from megalm.model.quantized import QuantizedLinear, quantize_rtn
 from megalm.parallel import mappings
 from megalm.parallel.state import ParallelState
@@ -399,3 +402,48 @@ def describe(model: nn.Module, config: PostTrainConfig) -> str:
             f"{', rsLoRA' if config.use_rslora else ''}), {len(adapted_linears(model))} linears | trainable "
             f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%) | base weights "
             f"{base_weight_bytes(model) / 2 ** 20:.1f} MB{quantized}")
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+def lora_model(config: Config, device=None) -> GPTModel:
+    """The single-process model of a LoRA checkpoint's config, with its adapters and a plain
+    (not quantized) base: the shape its saved weights load into."""
+    with torch.device(device or "cpu"):
+        model = GPTModel(config.model)
+    apply_lora(model, dataclasses.replace(config.posttrain, lora_base_quantization=None))
+    return model
+
+
+def partition_specs(config: Config) -> Dict[str, Optional[tuple]]:
+    """Parameter name -> (partition_dim, stacked) or None, adapters included (for merging the
+    tensor-parallel shards of a LoRA checkpoint, `megalm.checkpoint.merge`)."""
+    return {name: (p.partition_dim, p.partition_stacked) if hasattr(p, "partition_dim") else None
+            for name, p in lora_model(config, "meta").named_parameters()}
+
+
+def open_lora_checkpoint(path: str) -> Tuple[dict, Config]:
+    """A LoRA checkpoint (any layout) with its full weights, adapters included, and its config."""
+    meta = read_metadata(checkpoint_dir(path))
+    config = Config.from_dict(meta["config"])
+    if not config.posttrain.lora_rank:
+        raise CheckpointError(f"{path} holds no LoRA adapters (its config has --lora-rank 0): it is a plain "
+                              f"megalm checkpoint already")
+    found = open_checkpoint(path, specs=partition_specs(config))
+    return found, checkpoint_config(found)
+
+
+def merged_weights(found: dict, config: Config) -> Dict[str, torch.Tensor]:
+    """The plain model's weights of an opened LoRA checkpoint: each s B A folded into its base in fp32."""
+    model = lora_model(config)
+    model.load_state_dict(found["model"], strict=True)
+    return merge_lora(model).state_dict()
+
+
+def without_lora(config: Config) -> Config:
+    """The config of the merged model: the LoRA settings back to their defaults."""
+    defaults = PostTrainConfig()
+    posttrain = dataclasses.replace(config.posttrain, **{f.name: getattr(defaults, f.name)
+                                                         for f in dataclasses.fields(PostTrainConfig)
+                                                         if f.name.startswith("lora_") or f.name == "use_rslora"})
+    return dataclasses.replace(config, posttrain=posttrain)
