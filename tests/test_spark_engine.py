@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -147,3 +148,23 @@ def test_missing_java_names_what_to_install(monkeypatch):
     monkeypatch.delenv("JAVA_HOME", raising=False)
     with pytest.raises(DataError, match="needs Java 17 or newer.*openjdk-17-jre-headless"):
         spark_engine.check_java()
+
+
+@needs_spark
+def test_unreadable_uri_is_one_error(spark, tmp_path):
+    from megalm.data.clean import CleanConfig
+
+    with pytest.raises(DataError, match=r"the Spark job failed: .*(does not exist|not found)"):
+        spark_engine.clean_on_spark(spark, [f"file://{tmp_path}/missing.jsonl"], str(tmp_path / "out.jsonl"),
+                                    CleanConfig())
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("tool", ["clean_corpus", "preprocess_data"])
+def test_missing_local_input_fails_before_spark_starts(tmp_path, tool):
+    extra = ["--output", str(tmp_path / "out.jsonl")] if tool == "clean_corpus" else \
+        ["--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "NullTokenizer", "--vocab-size", "10"]
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), "--engine", "spark", "--input",
+                             str(tmp_path / "missing.jsonl"), *extra], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: --input {tmp_path / 'missing.jsonl'}: no such file"

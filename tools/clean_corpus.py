@@ -70,8 +70,11 @@ def main(argv=None) -> int:
 
 
 def _main_spark(args, config, quality, pii, filters) -> int:
-    from megalm.data.spark_engine import clean_on_spark, spark_session
+    from megalm.data.clean import check_config
+    from megalm.data.spark_engine import check_spark_inputs, clean_on_spark, spark_session
 
+    check_spark_inputs(args.input)
+    check_config(config, quality, filters)  # flag mistakes fail before Spark's start-up
     start = time.perf_counter()
     spark = spark_session(args.spark_master, "megalm clean_corpus")
     counts = clean_on_spark(spark, args.input, args.output, config, quality, rejected=args.rejected, pii=pii,

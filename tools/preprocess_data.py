@@ -113,6 +113,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.engine == "local":
         check_inputs(args.input)
+    else:
+        from megalm.data.spark_engine import check_spark_inputs
+        check_spark_inputs(args.input)
     if args.workers < 1:
         raise DataError(f"--workers must be at least 1, got {args.workers}")
     _init_worker(args)  # fails early, in the main process, on a bad tokenizer

@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from megalm.data.text import is_cjk_word, simplify_for_hashing, split_words
+from megalm.data.text import has_cjk, is_cjk_word, simplify_for_hashing, split_words
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
@@ -63,7 +63,7 @@ class MinHasher:
             return np.zeros(1, dtype=np.uint64)
         word_hashes = np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint64, count=len(words))
         h = np.zeros(0, dtype=np.uint64)
-        if not text.isascii():
+        if has_cjk(text):
             cjk = np.fromiter(map(is_cjk_word, words), dtype=bool, count=len(words))
             parts = [_ngram_hashes(word_hashes, n)[mask[:len(words) - n + 1]]
                      for n, mask in ((self.shingle_size, ~cjk), (self.cjk_shingle_size, cjk)) if n <= len(words)]

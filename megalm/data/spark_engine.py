@@ -66,7 +66,7 @@ def check_java() -> None:
 
 def _spark_failure(e: Exception) -> DataError:
     """A failed Spark job as one line: the Java or Python error that caused it."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    lines = [line.strip().lstrip(": ") for line in str(e).splitlines() if line.strip()]
     cause = next((line for line in lines if line.startswith(("java.", "org.apache", "pyspark.", "DataError"))), None)
     return DataError(f"the Spark job failed: {cause or (lines[0] if lines else type(e).__name__)}")
 
@@ -84,9 +84,16 @@ def _run(action):
         raise
 
 
+def check_spark_inputs(inputs: Sequence[str]) -> None:
+    """Local paths must exist (checked before Spark starts); URIs are Spark's to read."""
+    local = [p for p in inputs if not is_uri(p)]
+    if local or not inputs:
+        check_inputs(local)
+
+
 def read_records(spark, inputs: Sequence[str], text_sample_by: str):
     """An RDD of (ordinal, RawRecord) holding every record of `inputs` in input order."""
-    check_inputs([p for p in inputs if not is_uri(p)])
+    check_spark_inputs(inputs)
     sc = spark.sparkContext
     parts = []
     for path in inputs:
@@ -204,7 +211,7 @@ def clean_on_spark(spark, inputs: Sequence[str], output: str, config, quality=No
     quality, pii, filters = quality or QualityConfig(), pii or PIIConfig(), filters or FilterConfig()
     check_config(config, quality, filters)
     configs = (config, quality, pii, filters)
-    records = read_records(spark, inputs, config.text_sample_by)
+    records = _run(lambda: read_records(spark, inputs, config.text_sample_by))
     outcomes = records.mapPartitions(lambda items: _clean_partition(configs, items)) \
         .persist(StorageLevel.MEMORY_AND_DISK)
     try:
@@ -295,7 +302,7 @@ def tokenize_on_spark(spark, inputs: Sequence[str], text_sample_by: str, encoder
     from megalm.data.encode import new_stats
     from megalm.data.indexed_dataset import merge_datasets
 
-    records = read_records(spark, inputs, text_sample_by)
+    records = _run(lambda: read_records(spark, inputs, text_sample_by))
     first = next(iter(prefixes.values()))
     parts_dir = tempfile.mkdtemp(prefix=os.path.basename(first) + ".parts.", dir=os.path.dirname(first) or ".")
     try:

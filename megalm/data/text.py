@@ -59,9 +59,13 @@ def normalize_text(text: str, form: str = "NFC", strip_control: bool = True, fix
     return text
 
 
+def has_cjk(text: str) -> bool:
+    return not text.isascii() and _CJK_CHAR.search(text) is not None
+
+
 def split_words(text: str, segmenter: str = "char") -> list[str]:
     """The words of `text`; CJK runs cut per `segmenter` (one of CJK_SEGMENTERS)."""
-    if text.isascii() or _CJK_CHAR.search(text) is None:
+    if not has_cjk(text):
         return text.split()
     if segmenter == "char":
         return _WORDS.findall(text)
