@@ -151,6 +151,19 @@ def test_missing_java_names_what_to_install(monkeypatch):
 
 
 @needs_spark
+def test_uri_output_is_a_directory_of_parts_in_order(spark, tmp_path):
+    from megalm.data.clean import CleanConfig, clean_corpus
+
+    inputs = corpus(tmp_path)
+    clean_corpus(inputs, str(tmp_path / "local.jsonl"), CleanConfig())
+    spark_engine.clean_on_spark(spark, [f"file://{path}" for path in inputs], f"file://{tmp_path}/parts",
+                                CleanConfig(), log=lambda message: None)
+    parts = sorted((tmp_path / "parts").glob("part-*"))
+    assert parts and (tmp_path / "parts" / "_SUCCESS").exists()
+    assert "".join(p.read_text(encoding="utf-8") for p in parts) == (tmp_path / "local.jsonl").read_text(encoding="utf-8")
+
+
+@needs_spark
 def test_unreadable_uri_is_one_error(spark, tmp_path):
     from megalm.data.clean import CleanConfig
 
