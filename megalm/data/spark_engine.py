@@ -317,6 +317,8 @@ def tokenize_on_spark(spark, inputs: Sequence[str], text_sample_by: str, encoder
             for name in stats:
                 stats[name] += part[name]
         indices = sorted(r[0] for r in results if r[1]["documents"])
+        print(f"spark: {stats['documents']:,} documents, {stats['tokens']:,} tokens, {stats['malformed']:,} malformed "
+              f"lines skipped; merging {len(indices)} partitions", file=sys.stderr)
         for key, prefix in prefixes.items():
             parts = [_part_prefix(parts_dir, index, key) for index in indices]
             if parts:
