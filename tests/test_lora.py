@@ -160,7 +160,7 @@ def test_dropout_acts_on_the_adapter_branch_in_training_only():
 def test_only_the_adapters_get_gradients_and_optimizer_state():
     from megalm.config import OptimConfig
     from megalm.parallel.data_parallel import DistributedDataParallel
-    from megalm.parallel.distributed_optimizer import LocalOptimizer
+    from megalm.parallel.distributed_optimizer import DistributedOptimizer, LocalOptimizer
     from megalm.parallel.state import ParallelState
     from megalm.training.optimizer import build_optimizer
 
@@ -189,6 +189,11 @@ def test_only_the_adapters_get_gradients_and_optimizer_state():
             assert p.grad is None and torch.equal(p, before[name]), name
     assert set(optimizer.state_dict()["state"]) == adapters
     ddp.close()
+    sharded = DistributedDataParallel(model, ParallelState(), use_distributed_optimizer=True)
+    zero = DistributedOptimizer([sharded], lambda params: build_optimizer(params, OptimConfig(), torch.device("cpu")),
+                                ParallelState())
+    assert {names[id(p)] for _, p, *_ in zero.pieces} == adapters
+    sharded.close()
 
 
 def test_counts_and_log_line():
@@ -310,6 +315,30 @@ def test_training_resumes_on_the_same_loss_curve(tmp_path):
     assert full.history[-1][1] < full.history[0][1]
 
 
+def test_lora_checkpoints_reshard_with_their_adapters(tmp_path):
+    """TP=1 -> TP=2 x PP=2 -> TP=1: the adapters split like their base linears and come back unchanged."""
+    from megalm.checkpoint import read_checkpoint, save_checkpoint
+    from megalm.config import Config
+    from megalm.convert.reshard import reshard
+
+    model = llama()
+    config = Config(model=model.config, posttrain=lora_config(lora_target_modules=["q_proj", "down_proj"]))
+    lora.apply_lora(model, config.posttrain)
+    randomize_B(model)
+    save_checkpoint(str(tmp_path / "tp1"), 3, model, config)
+    quiet = dict(log=lambda *a: None)
+    reshard(str(tmp_path / "tp1"), str(tmp_path / "tp2pp2"), target_tp=2, target_pp=2, **quiet)
+    shard = read_checkpoint(str(tmp_path / "tp2pp2" / "iter_0000003"), model_parallel_rank=(1, 0))["model"]
+    q_B = model.state_dict()["layers.0.self_attention.linear_qkv.lora.q_proj.B"]
+    assert torch.equal(shard["layers.0.self_attention.linear_qkv.lora.q_proj.B"], q_B[32:])  # rank 1's group
+    down_A = model.state_dict()["layers.0.mlp.linear_fc2.lora.down_proj.A"]
+    assert torch.equal(shard["layers.0.mlp.linear_fc2.lora.down_proj.A"], down_A[:, 48:])
+    reshard(str(tmp_path / "tp2pp2"), str(tmp_path / "back"), **quiet)
+    back = read_checkpoint(str(tmp_path / "back" / "iter_0000003"))["model"]
+    assert back.keys() == model.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+
 def lora_provider(config, parallel=None, virtual_stage: int = 0):
     model = GPTModel(config.model, parallel, virtual_stage)
     lora.apply_lora(model, config.posttrain, parallel)
@@ -329,6 +358,13 @@ def lora_provider(config, parallel=None, virtual_stage: int = 0):
 def test_bad_settings_are_refused_with_the_flag_named(changes, message):
     with pytest.raises(ValueError, match=message):
         lora.apply_lora(llama(), lora_config(**changes))
+
+
+def test_adapters_are_not_stacked():
+    model = llama()
+    lora.apply_lora(model, lora_config())
+    with pytest.raises(ValueError, match="the model has LoRA adapters already: merge them"):
+        lora.apply_lora(model, lora_config())
 
 
 def test_gelu_models_have_no_gate_proj():

@@ -13,10 +13,12 @@ TP) when the true vocabulary size is known. The result is written through
 
 The iteration, consumed samples, scheduler and loss-scale states carry over, so training resumes
 where it stopped. Per-rank RNG states do not (the ranks differ): the resumed run warns and goes on.
+A LoRA checkpoint's adapters are split like their base linears (`megalm.posttrain.lora`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import shutil
@@ -29,6 +31,7 @@ from megalm.config import Config, ConfigError, pad_vocab_size
 from megalm.convert.frame import ConversionError
 from megalm.parallel.state import ParallelState
 from megalm.parallel.tensor import shard
+from megalm.posttrain import lora
 
 VOCAB_PARAMS = ("embedding.weight", "output_layer.weight")
 
@@ -73,7 +76,8 @@ def reshard(src_dir: str, dst_dir: str, target_tp: int = 1, target_pp: int = 1,
     --num-layers-per-virtual-pipeline-stage) / --expert-model-parallel-size and --load dst_dir."""
     if os.path.exists(dst_dir) and not force:
         raise ConversionError(f"output directory {dst_dir} exists; choose another or pass --force to overwrite it")
-    merged = ckpt.merge(src_dir)
+    saved = Config.from_dict(ckpt.read_metadata(ckpt.checkpoint_dir(src_dir))["config"])
+    merged = ckpt.merge(src_dir, specs=lora.partition_specs(saved) if saved.posttrain.lora_rank else None)
     config, meta = merged["config"], merged["metadata"]
     m, par = config.model, config.parallel
     par.tensor_model_parallel_size, par.pipeline_model_parallel_size = target_tp, target_pp
@@ -128,6 +132,15 @@ def reshard(src_dir: str, dst_dir: str, target_tp: int = 1, target_pp: int = 1,
     return final
 
 
+def _meta_chunks(config: Config, layout: ParallelState) -> list:
+    """The target rank's chunks on the meta device, with the adapters of a LoRA checkpoint."""
+    chunks = ckpt.meta_chunks(config, layout)
+    if config.posttrain.lora_rank:
+        for chunk in chunks:
+            lora.apply_lora(chunk, dataclasses.replace(config.posttrain, lora_base_quantization=None), layout)
+    return chunks
+
+
 def _write_shards(writer: ckpt.CheckpointWriter, merged: dict, config: Config, target_tp: int, target_pp: int,
                   target_ep: int) -> None:
     """Every target rank's weights and optimizer state, split from the merged full model."""
@@ -142,7 +155,7 @@ def _write_shards(writer: ckpt.CheckpointWriter, merged: dict, config: Config, t
             value = _expert_shard(value, e, target_ep) if expert else value
             return (value if spec is None else shard(value, spec[0], t, target_tp, spec[1])).contiguous().clone()
 
-        for model in ckpt.meta_chunks(config, layout):
+        for model in _meta_chunks(config, layout):
             for name, param in model.named_parameters():
                 source = "embedding.weight" if tied and name == "output_layer.weight" else name
                 spec = (param.partition_dim, param.partition_stacked) if hasattr(param, "partition_dim") else None

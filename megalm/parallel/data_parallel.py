@@ -9,7 +9,8 @@ asynchronously while autograd carries on with earlier layers. `finish_grad_sync(
 bucket that did not fill (parameters unused in this step) and waits for all of them.
 
 Gradients are averaged over data-parallel ranks, so N processes with micro batch b compute the
-same update as one process with micro batch N x b.
+same update as one process with micro batch N x b. Frozen parameters (`requires_grad=False`: the
+base weights of a LoRA model) get no slice of a bucket and no hook, and so no gradient.
 
 With the distributed optimizer (ZeRO-1, `megalm.parallel.distributed_optimizer`) each bucket is
 padded to a multiple of the data-parallel size and reduce-scattered instead of all-reduced: rank r

@@ -1,7 +1,9 @@
 """Optimizers over a model-parallel rank's parameters, with or without ZeRO-1 sharding.
 
-`LocalOptimizer`: every rank updates all the parameters it holds (its tensor/pipeline shard of the
-model) with an ordinary AdamW or Lion, after the data-parallel all-reduce of the gradients.
+`LocalOptimizer`: every rank updates all the trainable parameters it holds (its tensor/pipeline
+shard of the model) with an ordinary AdamW or Lion, after the data-parallel all-reduce of the
+gradients. Both optimizers hold only parameters with `requires_grad` (the distributed one through
+the gradient buckets, which hold nothing else): a LoRA model's frozen base has no optimizer state.
 
 `DistributedOptimizer` (`--use-distributed-optimizer`, ZeRO stage 1; Rajbhandari et al. 2020):
 the optimizer state is split across the data-parallel ranks. The gradient buckets of
@@ -98,7 +100,7 @@ def load_state_dict_by_name(optimizer: torch.optim.Optimizer, saved: dict, names
 
 
 class LocalOptimizer:
-    """AdamW / Lion over every parameter this rank holds."""
+    """AdamW / Lion over every trainable parameter this rank holds."""
 
     def __init__(self, chunks: List[nn.Module], make_optimizer: OptimizerFactory, state: ParallelState):
         self.state = state

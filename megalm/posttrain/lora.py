@@ -288,6 +288,8 @@ def apply_lora(model: nn.Module, config: PostTrainConfig, parallel_state: Option
         raise ValueError(f"--lora-base-quantization {config.lora_base_quantization!r}: choose one of "
                          f"{', '.join(QUANTIZATION_BITS)}")
     targets = resolve_targets(config.lora_target_modules)
+    if adapted_linears(model):
+        raise ValueError("the model has LoRA adapters already: merge them (merge_lora) before adding others")
     parallel = parallel_state or ParallelState()
     seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
     for p in model.parameters():
@@ -328,7 +330,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 weight.index_add_(0, adapter.rows, delta)
         original = linear._parameters.get("weight")
         dtype = original.dtype if original is not None else torch.float32
-        attributes = {k: v for k, v in vars(original).items()} if original is not None else {}
+        attributes = dict(vars(original)) if original is not None else {}
         for name in ("lora", "weight_quantized", "lora_scaling", "lora_dropout"):
             if hasattr(linear, name):
                 delattr(linear, name)
