@@ -17,8 +17,8 @@ run of equal ids around it. A query tile skips the key blocks before the earlies
 rows and after the latest span end; the key blocks that lie in every row's own run and below the
 diagonal need no mask; the others compare ids inside the tile. The backward kernels bound their loops
 the same way. Skipping assumes ids that never decrease along a row, as packing makes them: a row
-whose ids do decrease gets the whole row as its span, so it skips nothing but is still masked
-exactly (only the runs, always exact, then spare mask work).
+whose ids do decrease somewhere gets the whole row as its span, so it skips no block; its results
+stay exact, since the mask compares the ids themselves and runs are exact whatever the ids.
 
 Backward, with P = exp2(scores - lse2), dP = dO V^T, dS = P * (dP - delta):
 1. delta = rowsum(dO * O) per query row;
@@ -27,7 +27,7 @@ Backward, with P = exp2(scores - lse2), dP = dO V^T, dS = P * (dP - delta):
    head's gradient is summed over its query heads inside one program);
 3. one program per (query block, batch x head) loops over key blocks for dQ = scale * dS K.
 
-On a GPU the block sizes are autotuned per (head dim, causal, sequence bucket, dtype); under
+On a GPU the block sizes are autotuned per (head dim, causal, documents, sequence bucket, dtype); under
 TRITON_INTERPRET small fixed blocks keep the CPU tests quick. Block sizes never go below 16, the
 smallest tile `tl.dot` accepts; head dims that are not a power of two are padded and masked.
 """
