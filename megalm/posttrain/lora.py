@@ -71,7 +71,7 @@ from megalm.parallel.tensor import ColumnParallelLinear, RowParallelLinear, mark
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
 QUANTIZATION_BITS = {"int8": 8, "int4": 4}
-QUANTIZATION_GROUP = 128  # int4: input features per scale (or the largest divisor of the row below it)
+QUANTIZATION_GROUP = 128  # int4: input features per scale (gcd(in, 128) when in is not a multiple of it)
 ADAPTER_MARK = ".lora."
 
 
