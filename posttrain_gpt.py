@@ -93,9 +93,10 @@ class DistillStep:
         param = next(model.parameters())
         tokens, labels, position_ids, document_ids = _inputs(batch, param.device)
         logits = model(tokens, position_ids=position_ids, document_ids=document_ids)
-        vocab = self.config.model.vocab_size or logits.shape[-1]
-        logits = logits[..., :vocab]  # the padding rows of the vocabulary are no token
-        ce = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), ignore_index=-100)
+        # Cross-entropy over the padded vocabulary, as --task sft computes it; the divergence over
+        # the tokenizer's tokens only (the padding rows are no token, and the teacher's may differ).
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        logits = logits[..., :self.config.model.vocab_size or logits.shape[-1]]
         if "teacher_logprobs" in batch:
             kd = topk_generalized_jsd(logits, batch["teacher_logprobs"].to(param.device),
                                       batch["teacher_ids"].to(param.device), labels, self.beta, self.temperature)

@@ -16,8 +16,15 @@ from tests.test_sft_data import write_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle", "forest", "rocket", "garden",
          "silver", "winter", "bridge", "island", "mirror", "pepper", "castle", "orange", "violet"]
-ANSWER = "My name is Mega."
-MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+# The answer names three colours drawn at random: a sample's labels show one draw, a trained teacher
+# the whole distribution (what distillation adds to the labels).
+COLOURS = ["red", "blue", "green", "yellow", "purple", "orange"]
+ANSWER = "My colours are"
+
+
+def _answer(rng):
+    return f"{ANSWER} {rng.choice(COLOURS)}, {rng.choice(COLOURS)} and {rng.choice(COLOURS)}."
+MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
          "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
          "--attention-dropout", "0", "--hidden-dropout", "0"]
 
@@ -40,8 +47,9 @@ def _losses(output: str, kind: str = "iter") -> list:
 def _conversations(names, seed):
     rng = random.Random(seed)
     return [{"messages": [{"role": "user", "content": f"Hello {name}, what is your name?"},
-                          {"role": "assistant", "content": ANSWER}]} if rng.random() < 0.7 else
-            {"prompt": f"Hello {name}, what is your name?", "completion": " " + ANSWER} for name in names]
+                          {"role": "assistant", "content": _answer(rng)}]} if rng.random() < 0.7 else
+            {"prompt": f"Hello {name}, what is your name?", "completion": " " + _answer(rng)}
+            for name in names]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +75,7 @@ def _sft(setup, save, *flags, ok=True):
                 "--eval-interval", "1000", "--split", "90,10,0", "--seed", "5", *flags, ok=ok)
 
 
-def _greedy(checkpoint, tok_dir, prompt_messages, max_new=12):
+def _greedy(checkpoint, tok_dir, prompt_messages, max_new=40):
     from megalm.checkpoint.merge import checkpoint_config, open_checkpoint
     from megalm.data.chat import load_chat_templates, select_template
     from megalm.data.tokenizer.huggingface import HuggingFaceTokenizer
@@ -79,12 +87,12 @@ def _greedy(checkpoint, tok_dir, prompt_messages, max_new=12):
     model.eval()
     tokenizer = HuggingFaceTokenizer(os.path.join(tok_dir, "tokenizer.json"))
     template = select_template(load_chat_templates(tok_dir, tokenizer), None)
-    ids = tokenizer.tokenize(template.render(prompt_messages, add_generation_prompt=True))
+    ids = tokenizer.encode(template.render(prompt_messages, add_generation_prompt=True))
     for _ in range(max_new):
         with torch.no_grad():
             logits = model(torch.tensor([ids]))[0, -1, :config.model.vocab_size]
         ids.append(int(logits.argmax()))
-    return tokenizer.detokenize(ids)
+    return tokenizer.decode(ids)
 
 
 @pytest.mark.slow
@@ -95,7 +103,8 @@ def test_chat_sft_learns_the_assistant_pattern_and_answers_a_held_out_prompt(set
     assert sum(losses[-5:]) / 5 < 0.25 * sum(losses[:5]) / 5, losses
     text = _greedy(str(setup["root"] / "sft"), setup["tok"],
                    [{"role": "user", "content": f"Hello {NAMES[-1]}, what is your name?"}])
-    assert ANSWER in text.split("<|im_start|>assistant\n", 1)[1], text
+    # The answer's form (the colours themselves are a draw the small model only half learns) and the end of its turn.
+    assert re.match(ANSWER + r" [^<]+ and [^<]+\.<\|im_end\|>", text.split("<|im_start|>assistant\n", 1)[1]), text
 
 
 @pytest.mark.slow
@@ -111,28 +120,28 @@ def test_lora_sft_trains_only_adapters_and_resumes_exactly(setup):
 
 
 @pytest.mark.slow
-def test_distillation_beats_training_on_the_data_alone(setup):
-    """A 2-layer teacher fine-tuned on the chats teaches a 1-layer student better than the labels
-    alone do in the same steps: lower held-out cross-entropy."""
+def test_distillation_brings_the_student_to_the_teacher(setup):
+    """A 1-layer student distilled from a 2-layer teacher fine-tuned on the chats ends closer to the
+    teacher's distribution on held-out chats (forward KL over the assistant tokens) than the same
+    student fine-tuned on the labels for the same steps."""
     teacher = setup["root"] / "teacher"
-    _sft(setup, teacher, "--train-iters", "40")
+    _sft(setup, teacher, "--train-iters", "60", "--packing")
     student = setup["root"] / "student_base"
     _run("pretrain_gpt.py", "--mock-data", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-         os.path.join(setup["tok"], "tokenizer.json"), *MODEL, "--num-layers", "1", "--hidden-size", "32",
+         os.path.join(setup["tok"], "tokenizer.json"), *MODEL, "--num-layers", "1",
          "--micro-batch-size", "4", "--train-iters", "1", "--eval-iters", "0", "--save", str(student))
     common = ["--data-path", setup["data"], "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "3e-3",
-              "--train-iters", "12", "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "1000",
-              "--split", "90,10,0", "--seed", "5"]
-    alone = _run("posttrain_gpt.py", "--task", "sft", "--load", str(student), "--save",
-                 str(setup["root"] / "alone"), *common)
-    distilled = _run("posttrain_gpt.py", "--task", "distill", "--load", str(student), "--teacher-load", str(teacher),
-                     "--kd-ratio", "0.9", "--kd-loss", "forward_kl", "--save", str(setup["root"] / "distilled"),
-                     *common)
-    held_out = {name: _held_out_ce(setup, setup["root"] / name) for name in ("alone", "distilled")}
-    assert held_out["distilled"] < held_out["alone"], (held_out, alone.stdout[-500:], distilled.stdout[-500:])
+              "--train-iters", "20", "--log-interval", "1", "--eval-iters", "0", "--split", "90,10,0", "--seed", "5"]
+    _run("posttrain_gpt.py", "--task", "sft", "--load", str(student), "--save", str(setup["root"] / "alone"), *common)
+    _run("posttrain_gpt.py", "--task", "distill", "--load", str(student), "--teacher-load", str(teacher),
+         "--kd-ratio", "0.9", "--kd-loss", "forward_kl", "--save", str(setup["root"] / "distilled"), *common)
+    reference = _held_out_logits(setup, teacher)
+    kl = {name: _forward_kl(reference, _held_out_logits(setup, setup["root"] / name)) for name in ("alone", "distilled")}
+    assert kl["distilled"] < 0.9 * kl["alone"], kl
 
 
-def _held_out_ce(setup, checkpoint) -> float:
+def _held_out_logits(setup, checkpoint):
+    """(logits over the tokenizer's tokens, labels) of the held-out rows."""
     from megalm.checkpoint.merge import checkpoint_config, open_checkpoint
     from megalm.data.sft_dataset import build_sft_datasets
     from megalm.model import GPTModel
@@ -146,14 +155,20 @@ def _held_out_ce(setup, checkpoint) -> float:
     _, valid, _ = build_sft_datasets(config.data, config.posttrain, config.model.seq_length, 5)
     batch = {k: torch.stack([valid[i][k] for i in range(len(valid))]) for k in ("tokens", "labels")}
     with torch.no_grad():
-        return float(model(batch["tokens"], batch["labels"]))
+        return model(batch["tokens"])[..., :config.model.vocab_size], batch["labels"]
+
+
+def _forward_kl(teacher, student) -> float:
+    from megalm.posttrain.distill import generalized_jsd
+    (t, labels), (s, _) = teacher, student
+    return float(generalized_jsd(s, t, labels, beta=0.0))
 
 
 @pytest.mark.slow
 def test_cached_teacher_logits_are_checked_against_the_run_rows(setup):
     teacher = setup["root"] / "teacher_small"
-    _sft(setup, teacher, "--train-iters", "2")
-    cache = setup["root"] / "cache"
+    _sft(setup, teacher, "--train-iters", "6")
+    cache = setup["root"] / "teacher_logits"
     data_flags = ["--data-path", setup["data"], "--split", "90,10,0", "--seed", "5", "--packing"]
     _run("tools/cache_teacher_logits.py", "--load", setup["base"], "--teacher-load", str(teacher),
          "--teacher-logits", str(cache), "--top-k", "8", *data_flags)

@@ -156,11 +156,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, config: Config, model_provider: Callable, datasets_provider: Callable,
                  forward_step: Callable = gpt_forward_step, state: Optional[ParallelState] = None,
-                 log_stream=None, prepare_model: Optional[Callable] = None):
-        """`prepare_model(chunks, loaded)`, when given, runs once the weights are in place (`loaded`:
-        read from --load) and before the chunks are wrapped for data parallelism and handed to the
-        optimizer: post-training quantizes frozen base weights there."""
-        self.prepare_model = prepare_model
+                 log_stream=None):
         self.state = state or parallel_state.initialize(config)
         self.config = config = config.resolve(self.state.data_parallel_size)
         t, st = config.train, self.state
@@ -189,8 +185,6 @@ class Trainer:
                             st.pipeline_model_parallel_rank, st.device.type)
         self.train_state = TrainState()
         found = self._load_weights()
-        if self.prepare_model is not None:
-            self.prepare_model(self.chunks, found is not None)
         p = config.parallel
         self.ddps = [DistributedDataParallel(chunk, st, p.ddp_bucket_size, p.overlap_grad_reduce,
                                              p.use_distributed_optimizer) for chunk in self.chunks]
@@ -581,12 +575,11 @@ def _ppl(loss: float) -> float:
 
 
 def pretrain(config: Config, model_provider: Callable, datasets_provider: Callable,
-             forward_step: Callable = gpt_forward_step, prepare_model: Optional[Callable] = None) -> TrainState:
-    """Build everything from `config`, train, evaluate, save. Returns the final TrainState.
-    `prepare_model`: see `Trainer`."""
+             forward_step: Callable = gpt_forward_step) -> TrainState:
+    """Build everything from `config`, train, evaluate, save. Returns the final TrainState."""
     trainer = None
     try:
-        trainer = Trainer(config, model_provider, datasets_provider, forward_step, prepare_model=prepare_model)
+        trainer = Trainer(config, model_provider, datasets_provider, forward_step)
         return trainer.train()
     except BaseException as e:
         # The traceback's frames would keep the trainer, and with it the process groups, alive
