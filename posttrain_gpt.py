@@ -41,10 +41,13 @@ def model_provider(config: Config, parallel: Optional[ParallelState] = None, vir
     """This rank's part of the model, with LoRA / QLoRA adapters when --lora-rank asks for them."""
     model = GPTModel(config.model, parallel, virtual_stage)
     if config.posttrain.lora_rank:
-        from megalm.posttrain.lora import apply_lora, trainable_parameters
+        from megalm.posttrain.lora import apply_lora, describe, trainable_parameters
         apply_lora(model, config.posttrain, parallel)
         for p in trainable_parameters(model):
             p.adapter = True  # absent from the base checkpoint (see Trainer._load_weights)
+        if parallel is None or parallel.is_main:
+            where = "" if parallel is None or not parallel.model_parallel else f" (rank 0's share, chunk {virtual_stage})"
+            print(describe(model, config.posttrain) + where, flush=True)
     return model
 
 
