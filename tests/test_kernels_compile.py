@@ -118,7 +118,8 @@ def test_oversized_config_is_pruned_with_its_reason(caplog):
     driver.set_active(compile_check.CompileOnlyDriver(90))
     try:
         with caplog.at_level("DEBUG", logger="megalm.kernels"):
-            kept = prune(grouped_gemm.FORWARD_CONFIGS + [oversized], {"X": torch.empty(1, dtype=torch.bfloat16)})
+            kept = prune(grouped_gemm.FORWARD_CONFIGS + [oversized], {"X": torch.empty(1, dtype=torch.bfloat16)},
+                         BLOCK_M=grouped_gemm.FORWARD_BLOCK_M)
     finally:
         driver.set_active(previous)
     assert oversized not in kept and kept == grouped_gemm.FORWARD_CONFIGS

@@ -48,6 +48,18 @@ def pipelined_bytes(streamed: Iterable[tuple[int, int]], resident: Iterable[tupl
 Estimate = Callable[[dict, int, dict, dict], int]
 
 
+def tile_estimate(streamed: Iterable[tuple[str, str]], resident: Iterable[tuple[str, str]], tensor: str) -> Estimate:
+    """An `Estimate` from tile shapes named by their block sizes, e.g. ``("BLOCK_N", "BLOCK_D")``: each
+    name is looked up in the config, then in the launch's constexprs; elements are `tensor`'s size."""
+    streamed, resident = list(streamed), list(resident)
+
+    def estimate(config, num_stages, args, constexprs):
+        size = lambda name: config[name] if name in config else constexprs[name]  # noqa: E731
+        shape = lambda tiles: [(size(rows), size(cols)) for rows, cols in tiles]  # noqa: E731
+        return pipelined_bytes(shape(streamed), shape(resident), num_stages, args[tensor].element_size())
+    return estimate
+
+
 def shared_memory_prune(kernel: str, estimate: Estimate):
     """An ``early_config_prune`` for ``triton.autotune(prune_configs_by=...)``: keeps the configs whose
     estimated shared memory fits the target architecture and logs each one it drops, with the reason.

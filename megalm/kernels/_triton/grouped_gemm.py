@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from megalm.kernels._triton import triton_interpreting
-from megalm.kernels._triton.configs import pipelined_bytes, shared_memory_prune
+from megalm.kernels._triton.configs import shared_memory_prune, tile_estimate
 
 
 @triton.jit
@@ -71,16 +71,6 @@ FORWARD_BLOCK_M = 128
 _INTERPRETER = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
 
 
-def _forward_shared_bytes(config, num_stages, args, _constexprs):
-    m, n, k = FORWARD_BLOCK_M, config["BLOCK_N"], config["BLOCK_K"]
-    return pipelined_bytes([(m, k), (k, n)], [], num_stages, args["X"].element_size())
-
-
-def _weight_grad_shared_bytes(config, num_stages, args, _constexprs):
-    m, n, k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    return pipelined_bytes([(n, m), (m, k)], [], num_stages, args["X"].element_size())
-
-
 def _configs(names, rows):
     return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
 
@@ -95,12 +85,13 @@ WEIGHT_GRAD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [
 
 _grouped_gemm_tuned = triton.autotune(
     FORWARD_CONFIGS, key=["N", "K"],
-    prune_configs_by={"early_config_prune": shared_memory_prune("grouped_gemm", _forward_shared_bytes)},
+    prune_configs_by={"early_config_prune": shared_memory_prune(
+        "grouped_gemm", tile_estimate([("BLOCK_M", "BLOCK_K"), ("BLOCK_K", "BLOCK_N")], [], "X"))},
 )(_grouped_gemm_kernel)
 _weight_grad_tuned = triton.autotune(
     WEIGHT_GRAD_CONFIGS, key=["N", "K"],
-    prune_configs_by={"early_config_prune": shared_memory_prune("grouped_gemm_weight_grad",
-                                                                _weight_grad_shared_bytes)},
+    prune_configs_by={"early_config_prune": shared_memory_prune(
+        "grouped_gemm_weight_grad", tile_estimate([("BLOCK_N", "BLOCK_M"), ("BLOCK_M", "BLOCK_K")], [], "X"))},
 )(_weight_grad_kernel)
 
 
