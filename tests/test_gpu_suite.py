@@ -49,12 +49,35 @@ def test_without_a_gpu_it_exits_at_once_with_a_message(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_budget_skips_steps_that_do_not_fit_and_stops_a_running_one():
+def _module():
     sys.path.insert(0, str(SUITE.parent))
     try:
         import gpu_suite
     finally:
         sys.path.remove(str(SUITE.parent))
+    return gpu_suite
+
+
+def test_markdown_marks_each_target_pass_or_short():
+    gpu_suite = _module()
+    R = gpu_suite.Result
+    results = [R("attention", "fwd vs SDPA flash", 1.62, target=1.5), R("rmsnorm", "forward", 2500.0, "GB/s", 2800),
+               R("linear+ce", "peak memory", 0.1, target=0.125, at_most=True), R("generation", "batch 1", 1.1),
+               R("moe", "no number", float("nan"), target=4.0)]
+    env = {"device": "H100", "torch": "2.13", "cuda": "12.8", "triton": "3.9.0", "commit": "abc1234",
+           "date": "2026-12-01 18:00 UTC"}
+    text = gpu_suite.markdown(env, results, [{"step": "train-llama", "status": "skipped: needs ~55 s, 3 s left"}],
+                              "python tools/bench/gpu_suite.py")
+    assert "| attention | fwd vs SDPA flash | 1.62x | >= 1.5x | pass |" in text
+    assert "| rmsnorm | forward | 2,500.0 GB/s | >= 2800 GB/s | short |" in text
+    assert "| linear+ce | peak memory | 0.10x | <= 0.125x | pass |" in text
+    assert "| generation | batch 1 | 1.10x | - | - |" in text
+    assert "| train-llama | skipped: needs ~55 s, 3 s left |" in text
+    assert results[-1].row()["value"] is None and results[-1].verdict == "-"
+
+
+def test_budget_skips_steps_that_do_not_fit_and_stops_a_running_one():
+    gpu_suite = _module()
     import time
 
     def slow(args):

@@ -61,7 +61,8 @@ class Result:
         return "pass" if ok else "short"
 
     def row(self) -> dict:
-        return {"step": self.step, "what": self.what, "value": self.value, "unit": self.unit,
+        value = self.value if math.isfinite(self.value) else None  # JSON has no NaN
+        return {"step": self.step, "what": self.what, "value": value, "unit": self.unit,
                 "target": self.target, "at_most": self.at_most, "verdict": self.verdict}
 
 
@@ -227,15 +228,15 @@ class Step:
 
 
 STEPS = [
-    Step("cuda-extension", 90, build_extension, "JIT-build (or load) the CUDA extension for this GPU"),
-    Step("gpu-tests", 60, gpu_tests, "pytest -m gpu, stopped at its share of the budget"),
-    Step("rmsnorm", 25, rmsnorm, "RMSNorm fwd, fwd+bwd vs F.rms_norm, torch.compile, Liger"),
-    Step("attention", 70, attention, "attention fwd, fwd+bwd vs SDPA flash / cuDNN, S 2048/8192, D 64/128, GQA"),
-    Step("linear-ce", 30, linear_cross_entropy, "fused linear+CE time and peak memory vs eager, compile, Liger"),
-    Step("moe", 40, moe, "MoE layer 8x top-2 and 64x top-6 vs a per-expert loop"),
-    Step("train-gpt2", 80, train_gpt2, "GPT-2 124M training, compiled, vs compiled nanoGPT-style model"),
-    Step("train-llama", 50, train_llama, "Llama 1.1B training vs HF transformers LlamaForCausalLM"),
-    Step("generation", 30, generation, "KV-cache generation tokens/s vs HF generate"),
+    Step("cuda-extension", 75, build_extension, "JIT-build (or load) the CUDA extension for this GPU"),
+    Step("gpu-tests", 45, gpu_tests, "pytest -m gpu, stopped at its share of the budget"),
+    Step("rmsnorm", 20, rmsnorm, "RMSNorm fwd, fwd+bwd vs F.rms_norm, torch.compile, Liger"),
+    Step("attention", 110, attention, "attention fwd, fwd+bwd vs SDPA flash / cuDNN, S 2048/8192, D 64/128, GQA"),
+    Step("linear-ce", 25, linear_cross_entropy, "fused linear+CE time and peak memory vs eager, compile, Liger"),
+    Step("moe", 35, moe, "MoE layer 8x top-2 and 64x top-6 vs a per-expert loop"),
+    Step("train-gpt2", 85, train_gpt2, "GPT-2 124M training, compiled, vs compiled nanoGPT-style model"),
+    Step("train-llama", 55, train_llama, "Llama 1.1B training vs HF transformers LlamaForCausalLM"),
+    Step("generation", 25, generation, "KV-cache generation tokens/s vs HF generate"),
 ]
 
 
@@ -299,8 +300,9 @@ def markdown(env: dict, results: list[Result], log: list[dict], command: str) ->
              f"{env['date']}; `{command}`", "",
              "| step | comparison | value | target | verdict |", "|---|---|---:|---|---|"]
     for r in results:
-        value = f"{r.value:.2f}{r.unit}" if r.unit == "x" else f"{r.value:,.1f} {r.unit}"
-        target = "-" if r.target is None else f"{'<=' if r.at_most else '>='} {r.target:g}{r.unit}"
+        unit = r.unit if r.unit == "x" else f" {r.unit}"
+        value = f"{r.value:.2f}x" if r.unit == "x" else f"{r.value:,.1f}{unit}"
+        target = "-" if r.target is None else f"{'<=' if r.at_most else '>='} {r.target:g}{unit}"
         lines.append(f"| {r.step} | {r.what} | {value} | {target} | {r.verdict} |")
     lines += ["", "| step | status |", "|---|---|"] + [f"| {e['step']} | {e['status']} |" for e in log]
     return "\n".join(lines) + "\n"
