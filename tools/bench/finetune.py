@@ -25,6 +25,7 @@ to --seq-length; TRL packs with its default strategy (best-fit decreasing, paddi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -134,14 +135,18 @@ def _run(command: list, what: str) -> str:
     return out.stdout
 
 
-def work_paths(work_dir: str) -> dict:
-    return {"tok": os.path.join(work_dir, "tokenizer"), "data": os.path.join(work_dir, "chat.jsonl"),
-            "base": os.path.join(work_dir, "base"), "hf": os.path.join(work_dir, "base_hf")}
+def work_paths(args) -> dict:
+    """Files in a folder of --work-dir named for the model, tokenizer and data settings, so that a
+    --work-dir reused with other settings never serves a base checkpoint of another shape."""
+    settings = json.dumps([model_flags(args), args.vocab_size, args.samples, args.seed])
+    root = os.path.join(args.work_dir, "setup-" + hashlib.sha256(settings.encode()).hexdigest()[:12])
+    return {"tok": os.path.join(root, "tokenizer"), "data": os.path.join(root, "chat.jsonl"),
+            "base": os.path.join(root, "base"), "hf": os.path.join(root, "base_hf")}
 
 
 def prepare(args, with_hf: bool) -> None:
     """The tokenizer, chat jsonl, base checkpoint and (for TRL) its Hugging Face export in --work-dir."""
-    paths = work_paths(args.work_dir)
+    paths = work_paths(args)
     chats = conversations(args.samples, args.seed)
     write_tokenizer(paths["tok"], chats, args.vocab_size)
     with open(paths["data"], "w") as f:
@@ -261,7 +266,7 @@ def run_trl(args, name: str, paths: dict) -> dict:
             clock.step(int(mask.sum()) if mask is not None else inputs["input_ids"].numel())
             return super().training_step(model, inputs, num_items_in_batch)
 
-    model = AutoModelForCausalLM.from_pretrained(paths["hf"], attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(paths["hf"], attn_implementation=args.trl_attention)
     config = SFTConfig(
         output_dir=os.path.join(args.work_dir, name), max_length=args.seq_length, packing=packed,
         assistant_only_loss=True, per_device_train_batch_size=args.micro_batch_size, gradient_accumulation_steps=1,
@@ -281,7 +286,7 @@ def run_trl(args, name: str, paths: dict) -> dict:
 
 def child(args) -> None:
     run = run_megalm if CONFIGS[args.child][0] == "megalm" else run_trl
-    result = run(args, args.child, work_paths(args.work_dir))
+    result = run(args, args.child, work_paths(args))
     print("RESULT " + json.dumps({"config": args.child, **result}), flush=True)
 
 
@@ -351,6 +356,9 @@ def parse_args(argv=None):
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--lora-alpha", type=float, default=32.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--trl-attention", default="sdpa",
+                        help="TRL's attn_implementation; its padding-free packing is meant for flash_attention_2 "
+                             "(on a GPU where flash-attn is installed), SDPA attends over the whole flattened batch")
     parser.add_argument("--configs", default="all",
                         help="comma list of configuration names or prefixes (megalm, trl); default all: "
                              + ", ".join(CONFIGS))
@@ -366,10 +374,15 @@ def parse_args(argv=None):
     return args
 
 
+def _matches(word: str) -> list:
+    """A configuration's own name selects it alone; a prefix (megalm, trl-lora) every one it starts."""
+    return [word] if word in CONFIGS else [n for n in CONFIGS if n.startswith(word + "-")]
+
+
 def selected(spec: str) -> list:
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
-    names = [n for n in CONFIGS if spec == "all" or any(n == w or n.startswith(w + "-") for w in wanted)]
-    unknown = [w for w in wanted if w != "all" and not any(n == w or n.startswith(w + "-") for n in CONFIGS)]
+    names = list(CONFIGS) if spec == "all" else [n for n in CONFIGS if any(n in _matches(w) for w in wanted)]
+    unknown = [w for w in wanted if w != "all" and not _matches(w)]
     if unknown or not names:
         raise SystemExit(f"error: --configs {spec}: unknown {', '.join(unknown) or 'selection'}; "
                          f"give names or prefixes of {', '.join(CONFIGS)}")
