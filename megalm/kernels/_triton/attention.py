@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from megalm.kernels._triton import next_power_of_2, triton_interpreting
+from megalm.kernels._triton.configs import shared_memory_prune, tile_estimate
 
 LOG2E = 1.4426950408889634
 
@@ -390,17 +391,29 @@ def _configs(shapes):
 
 
 _KEY = ["HEAD_DIM", "CAUSAL", "HAS_DOCS", "SEQ_BUCKET"]
+_KV, _Q = ("BLOCK_N", "BLOCK_D"), ("BLOCK_M", "BLOCK_D")
+
+
+def _pruned(kernel: str, streamed, resident) -> dict:
+    """Drop, before compiling, the configs whose tiles (streamed ones pipelined over num_stages)
+    exceed the GPU's shared memory per block (`configs.shared_memory_prune`)."""
+    return {"early_config_prune": shared_memory_prune(kernel, tile_estimate(streamed, resident, "Q"))}
+
+
 # H100-oriented candidates; the smaller tiles are there for head dims (up to 256) whose large
-# tiles do not fit in shared memory: a config that fails to compile is skipped by the autotuner.
+# tiles do not fit in shared memory: those are pruned before they compile, per architecture.
 _forward_tuned = triton.autotune(_configs([
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 4), (64, 64, 4, 3),
-    (64, 32, 4, 2)]), key=_KEY)(_attention_forward_kernel)
+    (64, 32, 4, 2)]), key=_KEY, prune_configs_by=_pruned("attention_forward", [_KV, _KV], [_Q]))(
+    _attention_forward_kernel)
 _dkdv_tuned = triton.autotune(_configs([
     (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 4), (16, 64, 4, 2)]),
-    key=_KEY)(_attention_backward_dkdv_kernel)
+    key=_KEY, prune_configs_by=_pruned("attention_backward_dkdv", [_Q, _Q], [_KV, _KV]))(
+    _attention_backward_dkdv_kernel)
 _dq_tuned = triton.autotune(_configs([
     (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4), (64, 32, 4, 2), (64, 16, 4, 2)]),
-    key=_KEY)(_attention_backward_dq_kernel)
+    key=_KEY, prune_configs_by=_pruned("attention_backward_dq", [_KV, _KV], [_Q, _Q]))(
+    _attention_backward_dq_kernel)
 _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
