@@ -31,6 +31,6 @@ $PYTHON posttrain_gpt.py --task sft --load "$QS/checkpoints" --save "$OUT/lora" 
     --micro-batch-size 8 --global-batch-size 8 --train-iters 150 --lr 3e-3 --lr-warmup-iters 10 \
     --weight-decay 0 --log-interval 10 --eval-interval 50 --eval-iters 1 "$@"
 $PYTHON tools/lora.py merge --load "$OUT/lora" --save "$OUT/merged"
-$PYTHON tools/generate.py --load "$OUT/merged" --greedy --max-new-tokens 12 --stop "<|im_end|>" \
+$PYTHON tools/generate.py --load "$OUT/merged" --greedy --max-new-tokens 16 --stop "<|im_end|>" \
     --prompt $'<|im_start|>user\nWhat does the duck say?<|im_end|>\n<|im_start|>assistant\n' \
     --prompt $'<|im_start|>user\nHow does the horse sound?<|im_end|>\n<|im_start|>assistant\n'
