@@ -33,7 +33,7 @@ from megalm.data.errors import DataError
 from megalm.model import GPTModel
 from megalm.parallel.state import ParallelState
 from megalm.training.launch import report_error
-from megalm.training.trainer import TrainingError, pretrain
+from megalm.training.trainer import TrainingError, gpt_forward_step, model_inputs, pretrain
 
 SECTIONS = COMMON_SECTIONS + ("posttrain",)
 
@@ -62,17 +62,6 @@ def datasets_provider(config: Config, num_samples):
     return datasets
 
 
-def _inputs(batch: dict, device):
-    get = lambda key: batch[key].to(device, non_blocking=True) if key in batch else None  # noqa: E731
-    return get("tokens"), get("labels"), get("position_ids"), get("document_ids")
-
-
-def sft_forward_step(batch: dict, model: torch.nn.Module) -> torch.Tensor:
-    """Mean cross-entropy over the tokens with a label (assistant tokens and completions)."""
-    tokens, labels, position_ids, document_ids = _inputs(batch, next(model.parameters()).device)
-    return model(tokens, labels, position_ids=position_ids, document_ids=document_ids)
-
-
 class DistillStep:
     """(1 - ratio) CE + ratio x generalized JSD between the student's and the teacher's
     distributions over the tokens with a label (`megalm.posttrain.distill`). The teacher runs here
@@ -94,8 +83,9 @@ class DistillStep:
         from megalm.model.moe import moe_aux_loss
         from megalm.posttrain.distill import generalized_jsd, topk_generalized_jsd
         param = next(model.parameters())
-        tokens, labels, position_ids, document_ids = _inputs(batch, param.device)
-        logits = model(tokens, position_ids=position_ids, document_ids=document_ids)
+        inputs = model_inputs(batch, param.device)
+        labels = inputs.pop("labels")  # the models get the tokens and the position / document ids
+        logits = model(**inputs)
         # Cross-entropy over the padded vocabulary, as --task sft computes it; the divergence over
         # the tokenizer's tokens only (the padding rows are no token, and the teacher's may differ).
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
@@ -106,7 +96,7 @@ class DistillStep:
         else:
             teacher = self._teacher(param.device, param.dtype)
             with torch.no_grad():
-                teacher_logits = teacher(tokens, position_ids=position_ids, document_ids=document_ids)
+                teacher_logits = teacher(**inputs)
             kd = generalized_jsd(logits, teacher_logits, labels, self.beta, self.temperature)
         loss = (1.0 - self.ratio) * ce + self.ratio * kd
         aux = moe_aux_loss(getattr(model, "module", model))  # MoE students: their balancing losses too
@@ -164,7 +154,8 @@ def main(argv=None) -> int:
         config.validate()
         check_task(config)
         set_vocabulary(config)
-        step = sft_forward_step if config.posttrain.task == "sft" else DistillStep(config)
+        # sft: the mean cross-entropy over the tokens with a label, as pre-training computes it
+        step = gpt_forward_step if config.posttrain.task == "sft" else DistillStep(config)
         pretrain(config, model_provider, datasets_provider, step)
     except (ConfigError, CheckpointError, TrainingError, DataError, OSError, ValueError) as e:
         return report_error(str(e))
