@@ -226,14 +226,16 @@ def run_megalm(args, name: str, paths: dict) -> dict:
         found["row_tokens"] = per_row[train.order]
         return datasets
 
-    def timed_step(batch, model):
-        row = len(clock.starts) * args.micro_batch_size
-        clock.step(int(found["row_tokens"][row: row + args.micro_batch_size].sum()))
-        return posttrain_gpt.sft_forward_step(batch, model)
+    def timed(step):
+        def timed_step(batch, model):
+            row = len(clock.starts) * args.micro_batch_size
+            clock.step(int(found["row_tokens"][row: row + args.micro_batch_size].sum()))
+            return step(batch, model)
+        return timed_step
 
     pretrain = posttrain_gpt.pretrain
-    posttrain_gpt.pretrain = lambda config, provider, _datasets, _step: pretrain(config, provider,
-                                                                                 datasets_provider, timed_step)
+    posttrain_gpt.pretrain = lambda config, provider, _datasets, step: pretrain(config, provider,
+                                                                                datasets_provider, timed(step))
     if posttrain_gpt.main(argv) != 0:
         raise SystemExit(f"error: {name}: posttrain_gpt.py failed (its error is above)")
     if device == "cuda":
