@@ -400,7 +400,8 @@ class DataConfig:
         False, "Restart the position ids after each end-of-document token (packed pre-training data).")
     reset_attention_mask: bool = opt(
         False, "No attention across end-of-document tokens: each document in a sequence sees only itself.")
-    eod_mask_loss: bool = opt(False, "Leave the end-of-document tokens out of the loss.")
+    eod_mask_loss: bool = opt(False, "No loss at the positions whose input is an end-of-document token (the "
+                              "prediction that crosses into the next document), as Megatron-LM.")
 
 
 # The --task values of posttrain_gpt.py.
