@@ -209,6 +209,29 @@ class ModelConfig:
     first_k_dense_replace: int = opt(0, "Keep the dense MLP in the first this many layers (DeepSeek-MoE).",
                                      group="mixture of experts")
 
+    # FP8 matmuls in the attention and MLP linears (megalm.parallel.fp8, docs/TRAINING.md); off
+    # unless --fp8-format is given. Flag names as in Megatron-LM.
+    fp8_format: Optional[str] = opt(
+        None, "Run the attention and MLP linears' GEMMs in FP8 (needs --bf16): e4m3 for every tensor, or "
+              "hybrid (E4M3 forward, E5M2 gradients) (default: off).", choices=["e4m3", "hybrid"],
+        group="mixed precision")
+    fp8_recipe: str = opt(
+        "delayed", "FP8 scaling: delayed (per tensor, from the amax history), tensorwise (per tensor, from "
+                   "its current amax) or rowwise (per row along the reduction dimension).",
+        choices=["delayed", "tensorwise", "rowwise"], group="mixed precision")
+    fp8_amax_history_len: int = opt(1, "Delayed FP8 scaling: steps of amax history per tensor.",
+                                    group="mixed precision")
+    fp8_amax_compute_algo: str = opt(
+        "most_recent", "Delayed FP8 scaling: the scale follows the largest amax of the history (max) or "
+                       "the last step's (most_recent).", choices=["max", "most_recent"], group="mixed precision")
+    first_last_layers_bf16: bool = opt(
+        False, "Keep the first --num-layers-at-start-in-bf16 and last --num-layers-at-end-in-bf16 "
+               "transformer layers out of FP8.", group="mixed precision")
+    num_layers_at_start_in_bf16: int = opt(1, "With --first-last-layers-bf16: first layers kept in bf16.",
+                                           group="mixed precision")
+    num_layers_at_end_in_bf16: int = opt(1, "With --first-last-layers-bf16: last layers kept in bf16.",
+                                         group="mixed precision")
+
     # Not flags: derived at start-up from the tokenizer (or --vocab-size): its vocabulary, and that
     # vocabulary padded for the embedding and output layer (0: not known yet).
     vocab_size: int = field(default=0, metadata={"derived": True})
@@ -570,6 +593,7 @@ class Config:
         if o.clip_grad < 0:
             raise ConfigError(f"--clip-grad must not be negative, got {o.clip_grad}")
         self._validate_loss_scale()
+        self._validate_fp8()
 
         if not d.mock_data and not d.data_path:
             raise ConfigError("no training data: give --data-path PREFIX (from tools/preprocess_data.py) "
@@ -648,6 +672,35 @@ class Config:
             raise ConfigError(f"--loss-scale-window must be positive, got {o.loss_scale_window}")
         if o.hysteresis <= 0:
             raise ConfigError(f"--hysteresis must be positive, got {o.hysteresis}")
+
+    def _validate_fp8(self) -> None:
+        m = self.model
+        if m.fp8_format is None:
+            if m.first_last_layers_bf16:
+                raise ConfigError("--first-last-layers-bf16 keeps layers out of FP8: it needs --fp8-format")
+            return
+        for name, allowed in (("fp8_format", ("e4m3", "hybrid")), ("fp8_recipe", ("delayed", "tensorwise", "rowwise")),
+                              ("fp8_amax_compute_algo", ("max", "most_recent"))):
+            if getattr(m, name) not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(m, name)!r}: expected one of {', '.join(allowed)}")
+        if not self.train.bf16:
+            raise ConfigError("--fp8-format needs --bf16: the FP8 GEMMs take and return bf16 activations "
+                              "(add --bf16, and drop --fp16)")
+        if m.num_experts:
+            raise ConfigError("--fp8-format does not cover the MoE experts' grouped GEMM: train an MoE model "
+                              "(--num-experts) without --fp8-format")
+        if m.fp8_amax_history_len <= 0:
+            raise ConfigError(f"--fp8-amax-history-len must be positive, got {m.fp8_amax_history_len}")
+        if m.fp8_recipe != "delayed" and (m.fp8_amax_history_len != 1 or m.fp8_amax_compute_algo != "most_recent"):
+            raise ConfigError(f"--fp8-amax-history-len and --fp8-amax-compute-algo set delayed scaling, but "
+                              f"--fp8-recipe is {m.fp8_recipe}: use --fp8-recipe delayed or drop them")
+        if m.first_last_layers_bf16:
+            start, end = m.num_layers_at_start_in_bf16, m.num_layers_at_end_in_bf16
+            if start < 0 or end < 0:
+                raise ConfigError("--num-layers-at-start-in-bf16 and --num-layers-at-end-in-bf16 must not be negative")
+            if start + end >= m.num_layers:
+                raise ConfigError(f"--num-layers-at-start-in-bf16 ({start}) + --num-layers-at-end-in-bf16 ({end}) "
+                                  f"leave none of the {m.num_layers} layers (--num-layers) in FP8")
 
     def validate_layout(self) -> None:
         """The model-parallel sizes (tensor, pipeline, virtual, expert) against the model's shape.

@@ -27,6 +27,7 @@ from megalm.checkpoint.merge import meta_model
 from megalm.checkpoint.ranks import on_every_rank
 from megalm.checkpoint.rng import rng_state
 from megalm.config import Config
+from megalm.parallel.fp8 import fp8_state_dict
 from megalm.parallel.state import ParallelState
 
 
@@ -154,7 +155,7 @@ def save_checkpoint(root: str, iteration: int, model, config: Config,
             if optimizer is not None:
                 writer.write_state(os.path.join(shard, "optimizer.pt"),
                                    {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                                    "loss_scaler": scaler.state_dict()})
+                                    "loss_scaler": scaler.state_dict(), "fp8": fp8_state_dict(chunks)})
         if state.is_main:
             d = config.data
             writer.copy_tokenizer([d.tokenizer_model, d.vocab_file, d.merge_file])

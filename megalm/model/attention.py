@@ -30,6 +30,7 @@ from megalm.config import ModelConfig
 from megalm.kernels import apply_rotary, attention
 from megalm.model.init import normal_init, scaled_init
 from megalm.model.rope import apply_rotary_rows
+from megalm.parallel.fp8 import layer_recipe
 from megalm.parallel.random import checkpoint_context_fn
 from megalm.parallel.state import ParallelState
 from megalm.parallel.tensor import ColumnParallelLinear, RowParallelLinear
@@ -112,12 +113,13 @@ class SelfAttention(nn.Module):
         self.recompute_core = parallel.recompute_granularity == "selective"
         qkv_size = (config.num_attention_heads + 2 * config.query_groups) * self.head_dim
         std = config.init_method_std
+        fp8 = layer_recipe(config, layer_number)
         self.linear_qkv = ColumnParallelLinear(
             config.hidden_size, qkv_size, bias=config.add_bias_linear or config.add_qkv_bias,
-            init_method=normal_init(std), parallel=parallel)
+            init_method=normal_init(std), parallel=parallel, fp8=fp8)
         self.linear_proj = RowParallelLinear(
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear,
-            init_method=scaled_init(std, config.num_layers), parallel=parallel)
+            init_method=scaled_init(std, config.num_layers), parallel=parallel, fp8=fp8)
 
     def forward(self, x: torch.Tensor, rotary=None, kv_cache: Optional[KVCache] = None,
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

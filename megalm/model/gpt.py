@@ -43,6 +43,7 @@ from megalm.model.norm import build_norm
 from megalm.model.rope import RotaryEmbedding
 from megalm.parallel import mappings
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+from megalm.parallel.fp8 import layer_recipe
 from megalm.parallel.random import checkpoint_context_fn
 from megalm.parallel.state import ParallelState
 from megalm.parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, mark_sequence_parallel, vocab_parallel_logits
@@ -82,7 +83,10 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = build_norm(config)
         # A mixture of experts replaces the MLP in the layers --num-experts / --moe-layer-freq /
         # --first-k-dense-replace select (megalm.model.moe).
-        self.mlp = MoELayer(config, layer_number, parallel) if config.is_moe_layer(layer_number) else MLP(config, parallel)
+        if config.is_moe_layer(layer_number):
+            self.mlp = MoELayer(config, layer_number, parallel)
+        else:
+            self.mlp = MLP(config, parallel, layer_recipe(config, layer_number))
         mark_sequence_parallel(self.input_layernorm, parallel)
         mark_sequence_parallel(self.pre_mlp_layernorm, parallel)
         self.hidden_dropout = config.hidden_dropout

@@ -14,12 +14,13 @@ from torch import nn
 from megalm.config import ModelConfig
 from megalm.kernels import swiglu
 from megalm.model.init import normal_init, scaled_init
+from megalm.parallel.fp8 import Fp8Recipe
 from megalm.parallel.state import ParallelState
 from megalm.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: Optional[ParallelState] = None):
+    def __init__(self, config: ModelConfig, parallel: Optional[ParallelState] = None, fp8: Optional[Fp8Recipe] = None):
         super().__init__()
         self.swiglu = config.swiglu
         ffn = config.ffn_size
@@ -28,9 +29,10 @@ class MLP(nn.Module):
         # [gate_shard; up_shard] (stacked=2), so silu(gate) * up stays rank-local.
         self.linear_fc1 = ColumnParallelLinear(config.hidden_size, 2 * ffn if self.swiglu else ffn,
                                                bias=config.add_bias_linear, init_method=normal_init(std),
-                                               parallel=parallel, stacked=2 if self.swiglu else 1)
+                                               parallel=parallel, stacked=2 if self.swiglu else 1, fp8=fp8)
         self.linear_fc2 = RowParallelLinear(ffn, config.hidden_size, bias=config.add_bias_linear,
-                                            init_method=scaled_init(std, config.num_layers), parallel=parallel)
+                                            init_method=scaled_init(std, config.num_layers), parallel=parallel,
+                                            fp8=fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, h]
         h = self.linear_fc1(x)

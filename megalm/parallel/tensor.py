@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalm.parallel import mappings
+from megalm.parallel.fp8 import Fp8Recipe, Fp8State, fp8_linear
 from megalm.parallel.state import ParallelState
 
 InitMethod = Callable[[torch.Tensor], None]
@@ -82,9 +83,11 @@ def _init_shard(param: nn.Parameter, init_method: InitMethod, full_shape, dim: i
 
 class _ParallelLinear(nn.Module):
     partition_dim = 0  # of the weight
+    # The dims of x [m, in], w [out, in] and the output gradient [m, out] that TP splits (megalm.parallel.fp8).
+    fp8_sharded_dims = (None, None, None)
 
     def __init__(self, input_size: int, output_size: int, bias: bool, init_method: InitMethod,
-                 parallel: Optional[ParallelState] = None, stacked: int = 1):
+                 parallel: Optional[ParallelState] = None, stacked: int = 1, fp8: Optional[Fp8Recipe] = None):
         super().__init__()
         parallel = parallel or ParallelState()
         self.parallel = parallel
@@ -105,7 +108,14 @@ class _ParallelLinear(nn.Module):
         bias_size = local[0]
         self.bias = nn.Parameter(torch.zeros(bias_size)) if bias else None
         self.init_method = init_method
+        # FP8 GEMMs (--fp8-format): the scaling state; None runs F.linear in the autocast dtype.
+        self.fp8 = Fp8State(fp8, self.group, self.fp8_sharded_dims) if fp8 is not None else None
         self.reset_parameters()
+
+    def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.fp8 is None:
+            return F.linear(x, self.weight, bias)
+        return fp8_linear(x, self.weight, bias, self.fp8)
 
     def reset_parameters(self) -> None:
         _init_shard(self.weight, self.init_method, [self.output_size, self.input_size], self.partition_dim,
@@ -126,22 +136,24 @@ class ColumnParallelLinear(_ParallelLinear):
     """
 
     partition_dim = 0
+    fp8_sharded_dims = (None, 0, 1)
 
     def __init__(self, input_size: int, output_size: int, bias: bool, init_method: InitMethod,
-                 parallel: Optional[ParallelState] = None, stacked: int = 1, gather_output: bool = False):
-        super().__init__(input_size, output_size, bias, init_method, parallel, stacked)
+                 parallel: Optional[ParallelState] = None, stacked: int = 1, gather_output: bool = False,
+                 fp8: Optional[Fp8Recipe] = None):
+        super().__init__(input_size, output_size, bias, init_method, parallel, stacked, fp8)
         self.gather_output = gather_output
         if self.bias is not None:
             mark_sharded(self.bias, 0, stacked)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp == 1:
-            return F.linear(x, self.weight, self.bias)
+            return self._linear(x, self.bias)
         if self.sequence_parallel:
             x = mappings.gather_from_sequence_parallel_region(x, self.group)  # [b, s, in]
         else:
             x = mappings.copy_to_tensor_parallel_region(x, self.group)
-        y = F.linear(x, self.weight, self.bias)  # [b, s, out / TP]
+        y = self._linear(x, self.bias)  # [b, s, out / TP]
         return mappings.gather_from_tensor_parallel_region(y, self.group) if self.gather_output else y
 
 
@@ -153,17 +165,18 @@ class RowParallelLinear(_ParallelLinear):
     """
 
     partition_dim = 1
+    fp8_sharded_dims = (1, 1, None)
 
     def __init__(self, input_size: int, output_size: int, bias: bool, init_method: InitMethod,
-                 parallel: Optional[ParallelState] = None):
-        super().__init__(input_size, output_size, bias, init_method, parallel)
+                 parallel: Optional[ParallelState] = None, fp8: Optional[Fp8Recipe] = None):
+        super().__init__(input_size, output_size, bias, init_method, parallel, fp8=fp8)
         if self.bias is not None and self.sequence_parallel:
             self.bias.sequence_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)  # [b, s, out] partial sum over this rank's input features
+            return self._linear(x, self.bias)
+        y = self._linear(x, None)  # [b, s, out] partial sum over this rank's input features
         if self.sequence_parallel:
             y = mappings.reduce_scatter_to_sequence_parallel_region(y, self.group)
         else:

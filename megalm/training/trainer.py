@@ -44,6 +44,7 @@ from megalm.parallel import state as parallel_state
 from megalm.parallel.clip_grads import clip_grad_norm
 from megalm.parallel.data_parallel import DistributedDataParallel
 from megalm.parallel.distributed_optimizer import build_parallel_optimizer
+from megalm.parallel.fp8 import load_fp8_state, update_delayed_scaling
 from megalm.parallel.random import model_parallel_seed
 from megalm.parallel.state import ParallelState
 from megalm.training.metrics import MetricsLogger, Throughput, duration, human, moe_log, moe_statistics, peak_flops, peak_memory_bytes
@@ -278,6 +279,7 @@ class Trainer:
         if not t.no_load_optim:
             self.optimizer.load_state_dict(found["optimizer"]["optimizer"])
             self.scaler.load_state_dict(found["optimizer"]["loss_scaler"])
+            load_fp8_state(self.chunks, found["optimizer"].get("fp8", {}))
         self.scheduler.load_state_dict(found["optimizer"]["scheduler"])
         if not t.no_load_rng:
             if found["rng"] is None:
@@ -350,6 +352,7 @@ class Trainer:
         self.scaler.update(found_inf)
         if not found_inf:
             self.optimizer.step()
+        update_delayed_scaling(self.chunks, self.state)
         if self.config.model.moe_router_enable_expert_bias:
             # The expert biases follow the load of every step, skipped or not (Megatron-LM's order).
             update_expert_bias(self.chunks, self.state.data_parallel_group if self.state.distributed else None)
