@@ -10,6 +10,7 @@ Tolerances, measured on CPU (the reference GEMM; `torch._scaled_mm` agrees with 
 - a resumed delayed-scaling run: bit for bit.
 """
 
+import math
 import os
 import sys
 
@@ -200,6 +201,31 @@ def test_matches_torchao_float8_training(recipe):
     else:  # torchao rounds the unscaled row-wise product to bf16 before it applies the scales
         for a, b in pairs:
             assert _relative_error(a, b.float()) < 0.01
+
+
+def test_the_benchmark_runs_every_variant_on_cpu():
+    """tools/bench/fp8.py (the GPU suite's FP8 step) on the tiny shape: each path runs and starts from
+    the loss of its bf16 twin (same seed, same weights). Its CPU speed means nothing."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("megalm_bench_fp8", os.path.join(ROOT, "tools", "bench", "fp8.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    variants = ("bf16", "tensorwise", "rowwise", "delayed", "hf-bf16", "torchao-tensorwise")
+    rows = {r["variant"]: r for r in bench.measure_all("tiny", variants, 1, 1, torch.device("cpu"))}
+    assert set(rows) == set(variants if _torchao_imports() else variants[:-1])
+    for name, r in rows.items():
+        twin = rows["hf-bf16" if name.startswith(("hf-", "torchao-")) else "bf16"]
+        assert r["first_loss"] == pytest.approx(twin["first_loss"], rel=0.01), name
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["ratio"])
+    assert "| delayed |" in bench.table("tiny", list(rows.values()))
+
+
+def _torchao_imports() -> bool:
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ---- training ----------------------------------------------------------------------------------

@@ -21,10 +21,10 @@ def test_dry_run_lists_every_benchmark_with_its_estimate():
     lines = proc.stdout.strip().splitlines()
     names = [line.split()[0] for line in lines[:-1]]
     assert names == ["cuda-extension", "gpu-tests", "rmsnorm", "attention", "linear-ce", "moe", "train-gpt2",
-                     "train-llama", "generation"]
+                     "train-llama", "generation", "fp8"]
     total = sum(int(line.split()[1].strip("~s")) for line in lines[:-1])
     assert lines[-1].split()[:2] == ["total", f"~{total}s"]
-    assert "budget 480 s: fits" in lines[-1]
+    assert "budget 550 s: fits" in lines[-1]
 
 
 def test_dry_run_says_when_the_plan_exceeds_the_budget():

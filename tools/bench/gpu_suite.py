@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Measure everything a GPU can tell us, in one command, within a time budget.
 
-    python tools/bench/gpu_suite.py                    # on a CUDA machine, at most --budget-s (480) seconds
+    python tools/bench/gpu_suite.py                    # on a CUDA machine, at most --budget-s (550) seconds
     python tools/bench/gpu_suite.py --dry-run          # list the steps and their estimated time (any machine)
     python tools/bench/gpu_suite.py --only attention,moe --budget-s 300
 
@@ -11,7 +11,8 @@ RMSNorm (F.rms_norm, torch.compile, Liger), attention (SDPA flash and cuDNN; S 2
 64 / 128, causal, grouped-query), fused linear + cross-entropy (time and peak memory against eager
 and Liger), MoE (8 experts top-2 and 64 experts top-6 against a loop over experts), training
 (GPT-2 124M against a compiled nanoGPT-style model, Llama 1.1B against Hugging Face) and generation
-(against Hugging Face `generate`). A step whose estimate no longer fits the budget is skipped, and
+(against Hugging Face `generate`), FP8 training (megalm's recipes against bf16 and torchao's float8, Llama
+1.1B- and 8B-shaped layers). A step whose estimate no longer fits the budget is skipped, and
 a step still running when the budget ends is stopped; both are said so in the results.
 
 Writes <out>/gpu_suite.json and <out>/gpu_suite.md: device, torch / triton versions, commit, date,
@@ -210,6 +211,27 @@ def train_llama(args) -> list[Result]:
                    t[("eager", "megalm")] / t[("eager", "hf-llama")], target=1.6)]
 
 
+def fp8(args) -> list[Result]:
+    bench = _script("fp8")
+    results = []
+    for shape in ("llama-1b", "llama-8b"):
+        rows = {r["variant"]: r for r in bench.measure_all(
+            shape, ("bf16", "tensorwise", "delayed", "hf-bf16", "torchao-tensorwise"), steps=5, warmup=2,
+            device=torch.device("cuda"))}
+        for recipe in ("tensorwise", "delayed"):
+            results.append(Result(f"fp8 {shape}", f"megalm FP8 {recipe} vs megalm bf16 (tokens/s)",
+                                  rows[recipe]["ratio"], target=1.3 if shape == "llama-8b" else None))
+            if "torchao-tensorwise" in rows:
+                results.append(Result(f"fp8 {shape}", f"megalm FP8 {recipe} vs torchao float8 tensorwise (tokens/s)",
+                                      rows[recipe]["tokens_per_s"] / rows["torchao-tensorwise"]["tokens_per_s"]))
+        if "torchao-tensorwise" in rows:
+            results.append(Result(f"fp8 {shape}", "torchao float8 tensorwise vs HF bf16 (tokens/s)",
+                                  rows["torchao-tensorwise"]["ratio"]))
+        results += [Result(f"fp8 {shape}", f"MFU of megalm {name} (bf16 peak)", 100 * rows[name]["mfu"], unit="%")
+                    for name in ("bf16", "tensorwise", "delayed")]
+    return results
+
+
 def generation(args) -> list[Result]:
     gen = _script("generate")
     rows = gen.compare(gen.parse_args(["--device", "cuda", "--dtype", "bf16", "--batch-sizes", "1", "8",
@@ -237,6 +259,7 @@ STEPS = [
     Step("train-gpt2", 85, train_gpt2, "GPT-2 124M training, compiled, vs compiled nanoGPT-style model"),
     Step("train-llama", 55, train_llama, "Llama 1.1B training vs HF transformers LlamaForCausalLM"),
     Step("generation", 25, generation, "KV-cache generation tokens/s vs HF generate"),
+    Step("fp8", 70, fp8, "FP8 vs bf16 training tokens/s and MFU, Llama 1.1B- / 8B-shaped layers, vs torchao float8"),
 ]
 
 
@@ -311,7 +334,7 @@ def markdown(env: dict, results: list[Result], log: list[dict], command: str) ->
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--budget-s", type=float, default=480, help="stop after this many seconds (default 480)")
+    parser.add_argument("--budget-s", type=float, default=550, help="stop after this many seconds (default 550)")
     parser.add_argument("--dry-run", action="store_true", help="list the steps and their estimated time, run nothing")
     parser.add_argument("--only", default=None, help=f"comma list of steps ({', '.join(s.name for s in STEPS)})")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per kernel measurement")

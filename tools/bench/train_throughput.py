@@ -103,7 +103,10 @@ def hf_llama(c: ModelConfig):
     return Wrapped()
 
 
-def measure(model: nn.Module, c: ModelConfig, mbs: int, steps: int, warmup: int, device, dtype) -> dict:
+def measure(model: nn.Module, c: ModelConfig, mbs: int, steps: int, warmup: int, device, dtype,
+            after_step=None) -> dict:
+    """Median tokens/s of `steps` training steps after `warmup` ones; `after_step()` runs after each
+    optimizer step (FP8 delayed scaling moves its scales there)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     tokens = torch.randint(0, c.padded_vocab_size, (mbs, c.seq_length + 1), device=device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -120,13 +123,18 @@ def measure(model: nn.Module, c: ModelConfig, mbs: int, steps: int, warmup: int,
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        if i == 0:
+            first_loss = loss.item()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     step_time = statistics.median(times)
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"tokens_per_s": mbs * c.seq_length / step_time, "memory_gb": memory, "loss": loss.item()}
+    return {"tokens_per_s": mbs * c.seq_length / step_time, "memory_gb": memory, "loss": loss.item(),
+            "first_loss": first_loss}
 
 
 def main(argv=None) -> None:
