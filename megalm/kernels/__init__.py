@@ -65,6 +65,9 @@ def describe(device, config=None) -> dict[str, str]:
         info["apply_rotary"] = _path("auto", device, ("triton",))
     if config is None or getattr(config, "swiglu", True):
         info["swiglu"] = _path("auto", device, ("triton",))
+    if getattr(config, "fp8_format", None):
+        info["fp8_gemm"] = (f"reference (forced by {dispatch.ENV_VAR})" if dispatch.env_backend() == "reference"
+                            else "scaled_mm (torch._scaled_mm)" if device.type == "cuda" else "reference")
     if getattr(config, "num_experts", None):
         info["moe_router"] = _path("auto", device, ("triton",))
         info["moe_permute"] = _path("auto", device, ("triton", "cuda"))
