@@ -170,6 +170,10 @@ def test_delayed_scaling_follows_the_amax_history():
     state.eval()
     state.cast(w * 1000, WEIGHT, 1)  # evaluation does not move the scales
     assert state.amax_history[0, WEIGHT].item() == 100.0
+    state = Fp8State(Fp8Recipe("hybrid", "delayed"), None, (None, None, None))
+    state.step(torch.tensor([2.0, 4.0, 8.0]))
+    state.step(torch.tensor([float("inf"), float("nan"), 0.0]))  # an overflowing step keeps the scales
+    assert state.scale.tolist() == [224.0, 112.0, 57344.0 / 8.0]
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])

@@ -141,6 +141,8 @@ def save_checkpoint(root: str, iteration: int, model, config: Config,
 
     # Every rank takes part: the distributed optimizer gathers its shards over data parallelism.
     optimizer_state = optimizer.state_dict() if optimizer is not None else None
+    # FP8 delayed scaling's amax history and scales (megalm.parallel.fp8); absent without them.
+    fp8 = fp8_state_dict(chunks)
 
     def write_rank_files():
         writer.write_state(os.path.join("rng", f"rank_{state.rank:05d}.pt"), rng_state(state.rng_tracker))
@@ -155,7 +157,7 @@ def save_checkpoint(root: str, iteration: int, model, config: Config,
             if optimizer is not None:
                 writer.write_state(os.path.join(shard, "optimizer.pt"),
                                    {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                                    "loss_scaler": scaler.state_dict(), "fp8": fp8_state_dict(chunks)})
+                                    "loss_scaler": scaler.state_dict(), **({"fp8": fp8} if fp8 else {})})
         if state.is_main:
             d = config.data
             writer.copy_tokenizer([d.tokenizer_model, d.vocab_file, d.merge_file])

@@ -78,8 +78,8 @@ def _fp8_gemm_scaled_mm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> T
     # _scaled_mm multiplies by de-quantization scales and wants a row-major, b column-major.
     rowwise = a.scale.dim() > 0
     return torch._scaled_mm(a.data.contiguous(), b.data.contiguous().t(),
-                            scale_a=a.scale.reciprocal().reshape(-1, 1) if rowwise else a.scale.reciprocal(),
-                            scale_b=b.scale.reciprocal().reshape(1, -1) if rowwise else b.scale.reciprocal(),
+                            scale_a=a.scale.reciprocal().reshape(-1, 1).contiguous() if rowwise else a.scale.reciprocal(),
+                            scale_b=b.scale.reciprocal().reshape(1, -1).contiguous() if rowwise else b.scale.reciprocal(),
                             out_dtype=out_dtype)
 
 
@@ -92,6 +92,8 @@ def _unsupported(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> Optional
         return "FP8 tensor cores need compute capability 8.9 or newer (Ada, Hopper)"
     if any(d % 16 for d in (*a.data.shape, b.data.shape[0])):
         return f"the GEMM's sizes must be multiples of 16, got a {tuple(a.data.shape)}, b {tuple(b.data.shape)}"
+    if a.data.dtype == b.data.dtype == E5M2:
+        return "cuBLAS has no E5M2 x E5M2 GEMM"
     if a.scale.dim() > 0 and (E5M2 in (a.data.dtype, b.data.dtype) or out_dtype != torch.bfloat16):
         return "row-wise scales take float8_e4m3fn operands and a bfloat16 output"
     return None

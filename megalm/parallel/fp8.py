@@ -109,7 +109,10 @@ class Fp8State(nn.Module):
         history[0] = current
         seen = history[0] if self.recipe.amax_compute_algo == "most_recent" else history.amax(dim=0)
         for role in (INPUT, WEIGHT, GRAD):
-            self.scale[role] = scale_from_amax(seen[role], self.recipe.dtype(role))
+            # An amax of 0 (nothing seen) or inf / NaN (an overflowing, skipped step) keeps the last scale.
+            usable = torch.isfinite(seen[role]) & (seen[role] > 0)
+            self.scale[role] = torch.where(usable, scale_from_amax(seen[role], self.recipe.dtype(role)),
+                                           self.scale[role])
         history.copy_(history.roll(1, dims=0))
         history[0] = 0
         self.has_history = True
