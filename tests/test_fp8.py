@@ -307,6 +307,7 @@ TRAINING_LAYOUTS = {  # name: (FP8 flags, parallel flags); two ranks
     "tp2_sp_tensorwise": (["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"],
                           ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     "dp2_zero_delayed": (["--fp8-format", "hybrid"], ["--use-distributed-optimizer"]),
+    "pp2_delayed": (["--fp8-format", "hybrid"], ["--pipeline-model-parallel-size", "2"]),
 }
 TRAINING_BASE = [*LLAMA_TINY, "--train-iters", "4", "--global-batch-size", "8", "--micro-batch-size", "2"]
 
@@ -351,7 +352,7 @@ def _linear_pair(pair: str, parallel=None) -> dict:
 def test_tp2_fp8_matches_one_process_fp8(tmp_path):
     """The linears cast every shard with the unsplit tensor's scale: TP2's results equal TP1's up to
     the order of the fp32 sums (relative 1e-5; casting each shard with its own scale is off by ~1e-2).
-    Whole training runs in FP8 (TP2 + SP, DP2 + ZeRO) follow one process's loss within 5e-4."""
+    Whole training runs in FP8 (TP2 + SP, DP2 + ZeRO, PP2) follow one process's loss within 5e-4."""
     import json
     import subprocess
     out = str(tmp_path / "tp2.pt")
