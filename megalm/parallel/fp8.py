@@ -88,20 +88,20 @@ class Fp8State(nn.Module):
         """t (x [m, k], w [n, k] or g [m, n]) in FP8 for a GEMM that reduces over `dim` of t."""
         dtype = self.recipe.dtype(role)
         if self.delayed and self.has_history:
-            if self.training:
-                self._record(t, role)
+            if self.training:  # rank-local: update_delayed_scaling reduces it over the groups once per step
+                self._record(role, amax(t))
             return quantize(t, self.scale[role].clone(), dtype)
         current = amax(t, None if self.per_tensor else dim)
         split = self.sharded[role]
         if split is not None and (self.per_tensor or split == dim):
             dist.all_reduce(current, op=dist.ReduceOp.MAX, group=self.group)
         if self.delayed and self.training:
-            self.amax_history[0, role] = torch.maximum(self.amax_history[0, role], current)
+            self._record(role, current)
         return quantize(t, scale_from_amax(current, dtype), dtype)
 
-    def _record(self, t: Tensor, role: int) -> None:
-        # The rank-local amax; update_delayed_scaling reduces it over the groups once per step.
-        self.amax_history[0, role] = torch.maximum(self.amax_history[0, role], amax(t))
+    def _record(self, role: int, value: Tensor) -> None:
+        # The step's amax: the max over its micro-batches (and recomputed forwards, which change nothing).
+        self.amax_history[0, role] = torch.maximum(self.amax_history[0, role], value)
 
     def step(self, current: Tensor) -> None:
         """End of an optimizer step: `current` [3] is the step's amax, reduced over the replicas."""
