@@ -262,6 +262,10 @@ def test_delayed_scaling_resumes_bit_for_bit_and_recompute_changes_nothing(tmp_p
     assert len(saved) == 8  # qkv, proj, fc1, fc2 of two layers
     assert all(s["has_history"] and (s["amax_history"][1:4] > 0).all() for s in saved.values())
     assert _losses(run(tiny_config(*flags, "--save", save, "--load", save))) == full[3:]
+    # FP8 is how the weights were trained: a model read from the checkpoint runs plain linears.
+    from megalm.inference.loading import load_model
+    linears = [m for m in load_model(save, device="cpu").model.modules() if hasattr(m, "fp8")]
+    assert linears and all(m.fp8 is None for m in linears)
 
 
 def test_first_and_last_layers_can_stay_in_bf16():

@@ -150,8 +150,11 @@ def open_checkpoint(path: str, verify: bool = True, specs: Optional[Dict[str, Op
 
 def checkpoint_config(found: dict) -> Config:
     """The checkpoint's config, its tokenizer paths redirected to the copies the checkpoint holds
-    under tokenizer/ when the original files are gone."""
+    under tokenizer/ when the original files are gone. FP8 is how the weights were trained, not part
+    of the model: a model read from a checkpoint runs its linears in the dtype it is loaded in (a
+    fine-tuning run that wants FP8 again says --fp8-format)."""
     config = Config.from_dict(found["metadata"]["config"])
+    config.model.fp8_format, config.model.first_last_layers_bf16 = None, False
     copies = os.path.join(found["path"], "tokenizer")
     d = config.data
     for name in ("tokenizer_model", "vocab_file", "merge_file"):
