@@ -1,0 +1,162 @@
+"""A paged KV cache (Kwon et al. 2023, vLLM's PagedAttention): keys and values live in fixed-size
+blocks drawn from one pool, and each sequence owns a block table listing its blocks in order.
+
+A sequence takes a block only when its tokens reach it, so memory follows the tokens actually
+cached, not the longest sequence that could be asked for; a finished sequence returns its blocks
+to the free list at once and the next request reuses them.
+
+`PagedBatch` is one forward step over some of the sequences: it speaks the model's `KVCache`
+interface (`megalm.model.attention`), so `GPTModel.hidden_states` runs unchanged. Each row may hold
+a different number of cached tokens and of new tokens (right-padded to the longest). Per layer the
+new keys and values are written into their slots, then every row's keys are gathered from its
+blocks into [b, L, g, d] (L the longest row) and attention sees only that row's real keys, causally:
+each row computes what it would compute alone. Positions (RoPE or learned) count from each
+sequence's own first token.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from megalm.config import ModelConfig
+
+
+class CacheExhausted(RuntimeError):
+    """No free block is left; the caller frees or preempts a sequence and tries again."""
+
+
+class BlockAllocator:
+    """A free list of block ids 0 .. num_blocks - 1."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"a paged KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # popped from the end: block 0 first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise CacheExhausted(f"all {self.num_blocks} KV cache blocks are in use")
+        return self._free.pop()
+
+    def free(self, blocks: Sequence[int]) -> None:
+        for block in blocks:
+            if not 0 <= block < self.num_blocks or block in self._free:
+                raise ValueError(f"block {block} is not an allocated block of this cache")
+        self._free.extend(reversed(blocks))
+
+
+class PagedKVCache:
+    """The block pool of every layer, [num_blocks, block_size, g, d] keys and values each, and the
+    block table of every sequence (by id)."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, device=None, dtype=torch.float32):
+        if block_size < 1:
+            raise ValueError(f"the KV cache block size must be positive, got {block_size}")
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+        shape = (num_blocks * block_size, config.query_groups, config.head_dim)  # one row per slot
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.tables: dict = {}  # sequence id -> [block ids]
+        self.lengths: dict = {}  # sequence id -> tokens cached
+        self.peak_blocks = 0
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the pool holds."""
+        return self.allocator.num_blocks * self.block_size
+
+    @property
+    def used_blocks(self) -> int:
+        return self.allocator.num_blocks - self.allocator.num_free
+
+    def blocks_needed(self, seq_id, new_tokens: int) -> int:
+        """Blocks `seq_id` must still take to hold `new_tokens` more tokens than it has cached."""
+        length = self.lengths.get(seq_id, 0) + new_tokens
+        return max(0, -(-length // self.block_size) - len(self.tables.get(seq_id, ())))
+
+    def reserve(self, seq_id, new_tokens: int) -> None:
+        """Take the blocks for `new_tokens` more tokens of `seq_id` (all or none: CacheExhausted)."""
+        needed = self.blocks_needed(seq_id, new_tokens)
+        if needed > self.allocator.num_free:
+            raise CacheExhausted(f"{needed} more KV cache blocks are needed and {self.allocator.num_free} are free")
+        table = self.tables.setdefault(seq_id, [])
+        self.lengths.setdefault(seq_id, 0)
+        table.extend(self.allocator.allocate() for _ in range(needed))
+        self.peak_blocks = max(self.peak_blocks, self.used_blocks)
+
+    def release(self, seq_id) -> None:
+        """Return the blocks of `seq_id` to the free list (a finished, aborted or preempted sequence)."""
+        self.allocator.free(self.tables.pop(seq_id, []))
+        self.lengths.pop(seq_id, None)
+
+    def batch(self, seq_ids: Sequence, new_tokens: Sequence[int]) -> "PagedBatch":
+        """A step over `seq_ids`, each adding new_tokens[i] tokens (their blocks already reserved)."""
+        return PagedBatch(self, list(seq_ids), list(new_tokens))
+
+
+class PagedBatch:
+    """One forward step over several sequences of a `PagedKVCache`, with the model's KV cache interface."""
+
+    def __init__(self, cache: PagedKVCache, seq_ids: list, new_tokens: list):
+        self.cache, self.seq_ids = cache, seq_ids
+        device = cache.keys[0].device
+        self.cached = torch.tensor([cache.lengths[i] for i in seq_ids], device=device)  # [b]
+        self.new = torch.tensor(new_tokens, device=device)  # [b]
+        self.width = max(new_tokens)  # s: the right-padded step width
+        self.total = self.cached + self.new
+        # The model reads seq_len for its position-table check and left_padding to take the masked path;
+        # rows here have no left padding: each starts at slot 0 of its first block.
+        self.seq_len = int(self.cached.max())
+        self.left_padding = torch.zeros_like(self.cached)
+        bs = cache.block_size
+        longest = int(self.total.max())
+        table_width = -(-longest // bs)
+        tables = torch.zeros(len(seq_ids), table_width, dtype=torch.long, device=device)
+        for row, seq_id in enumerate(seq_ids):
+            blocks = cache.tables[seq_id]
+            if len(blocks) * bs < int(self.total[row]):
+                raise ValueError(f"sequence {seq_id} has {len(blocks)} blocks for {int(self.total[row])} tokens: "
+                                 f"reserve its blocks before the step")
+            tables[row, :len(blocks[:table_width])] = torch.tensor(blocks[:table_width], device=device)
+        positions = torch.arange(longest, device=device)
+        slots = tables[:, positions // bs] * bs + positions % bs  # [b, L]: each row's token j -> its slot
+        self.gather_slots = slots
+        new_positions = self.position_ids(self.width)  # [b, s]
+        self.real = torch.arange(self.width, device=device)[None, :] < self.new[:, None]  # [b, s]
+        self.write_slots = slots.gather(1, new_positions)[self.real]
+        keys = torch.arange(longest, device=device)
+        # Query t of a row sees that row's keys up to its own position and none past the row's end.
+        self.mask = ((keys[None, None, :] <= new_positions[:, :, None])
+                     & (keys[None, None, :] < self.total[:, None, None]))[:, None]  # [b, 1, s, L]
+
+    def position_ids(self, s: int) -> torch.Tensor:
+        """Positions of each row's next s tokens: [b, s] (padding columns repeat the last real one's)."""
+        steps = torch.arange(s, device=self.cached.device)[None, :].minimum(self.new[:, None] - 1)
+        return self.cached[:, None] + steps
+
+    def attention_mask(self, s: int) -> torch.Tensor:
+        """[b, 1, s, L] bool, True where a query may attend a key (the same for every layer)."""
+        if s != self.width:
+            raise ValueError(f"this step was laid out for {self.width} new positions per row, not {s}")
+        return self.mask
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the real tokens of k, v [b, s, g, d]; return every row's keys and values [b, L, g, d]."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[self.write_slots] = k[self.real]
+        values[self.write_slots] = v[self.real]
+        return keys[self.gather_slots], values[self.gather_slots]
+
+    def advance(self, n: int) -> None:
+        """After the model's step: each row now caches its new tokens."""
+        for seq_id, added in zip(self.seq_ids, self.new.tolist()):
+            self.cache.lengths[seq_id] += added
+        self.seq_len += n
