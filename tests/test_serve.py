@@ -406,12 +406,54 @@ def test_shutdown_finishes_the_requests_in_flight(loaded):
     assert r.json()["usage"]["completion_tokens"] == _solo(loaded, loaded.tokenizer.encode("The"), 200)[1]
 
 
-def test_serve_tool_refuses_tensor_parallel_launch_and_checks_flags(loaded, monkeypatch, capsys):
+def test_serve_tool_checks_its_flags(loaded, capsys):
     sys.path.insert(0, os.path.join(REPO, "tools"))
     import serve
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert serve.main(["--load", loaded.path]) == 2
-    assert "tensor-parallel serving is not supported" in capsys.readouterr().err
-    monkeypatch.setenv("WORLD_SIZE", "1")
     assert serve.main(["--load", loaded.path, "--max-num-seqs", "0"]) == 2
     assert "error: --max-num-seqs must be at least 1" in capsys.readouterr().err
+    assert serve.main(["--load", loaded.path, "--quantize", "gptq-int4"]) == 2
+    assert "error: --quantize gptq-int4 needs --calibration-input" in capsys.readouterr().err
+
+
+def test_tensor_parallel_serving_under_torchrun_equals_one_process(loaded):
+    """Two ranks (gloo), rank 0 serving: greedy text equal to `generate` on one process; SIGTERM
+    lets the request in flight finish on both ranks, then every process exits."""
+    import signal
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             os.path.join(REPO, "tools", "serve.py"), "--load", loaded.path, "--port", str(port),
+                             "--served-model-name", "tiny", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        for prompt in PROMPTS[:2]:
+            answer = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0)
+            assert answer.choices[0].text == _solo(loaded, loaded.tokenizer.encode(prompt), 16)[0]
+        result = {}
+        asker = threading.Thread(target=lambda: result.update(r=client.completions.create(
+            model="tiny", prompt="The", max_tokens=120, temperature=0)))
+        asker.start()
+        while httpx.get(url + "/health").json()["running"] == 0 and asker.is_alive():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it to both ranks
+        asker.join()
+        assert result["r"].usage.completion_tokens == 120
+        output = proc.communicate(timeout=60)[0]
+        assert "[rank" not in output and "RuntimeError" not in output, output[-3000:]  # no rank failed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

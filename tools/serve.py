@@ -4,8 +4,11 @@
     python tools/serve.py --load ckpt --port 8000
     python tools/serve.py --load ckpt --quantize int8 --max-num-seqs 32 --kv-cache-tokens 65536
 
+    torchrun --nproc-per-node 2 tools/serve.py --load ckpt   # tensor-parallel over 2 GPUs
+
 Then POST /v1/completions or /v1/chat/completions (see docs/SERVING.md): any OpenAI client works
-with base_url http://HOST:PORT/v1. The model is named after its directory unless
+with base_url http://HOST:PORT/v1. Under torchrun every process holds a share of each layer's heads
+(tensor parallelism) and rank 0 serves HTTP and schedules. The model is named after its directory unless
 --served-model-name says otherwise. SIGTERM (or Ctrl-C) stops taking requests, finishes the ones in
 flight, then exits.
 """
@@ -13,6 +16,7 @@ flight, then exits.
 import argparse
 import importlib.util
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -72,33 +76,59 @@ def quantize_loaded(args, loaded) -> None:
                             symmetric=args.symmetric, act_order=args.act_order)
 
 
+def start_tensor_parallel(args, world: int):
+    """Under torchrun: one tensor-parallel group of every process (CUDA: one GPU each; CPU: gloo)."""
+    from megalm.config import Config
+    from megalm.parallel.state import initialize
+    if args.quantize:
+        raise ValueError("--quantize runs on one process only: drop it, or start tools/serve.py without torchrun")
+    config = Config()
+    config.parallel.tensor_model_parallel_size = world
+    config.train.device = args.device or "auto"
+    return initialize(config)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print(f"error: tensor-parallel serving is not supported: run tools/serve.py as one process "
-              f"(it was started with WORLD_SIZE={os.environ['WORLD_SIZE']}); serve a model that fits one device, "
-              f"quantized with --quantize if need be", file=sys.stderr)
-        return 2
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    parallel = None
     try:
         import uvicorn
 
         from megalm.inference.server import build_app, make_server
-        loaded = load_model(args.load, device=args.device, dtype=args.dtype)
+        if world > 1:
+            parallel = start_tensor_parallel(args, world)
+        loaded = load_model(args.load, device=parallel.device if parallel else args.device, dtype=args.dtype,
+                            parallel=parallel)
         if args.quantize:
             quantize_loaded(args, loaded)
         engine, served = make_server(loaded, args.served_model_name, args.chat_template, args.max_num_seqs,
                                      args.max_num_batched_tokens, args.kv_cache_tokens, args.block_size,
-                                     args.max_queue)
-    except (CheckpointError, ConversionError, DataError, ValueError, OSError, ImportError) as e:
+                                     args.max_queue, parallel)
+    except (CheckpointError, ConversionError, DataError, ValueError, OSError, ImportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"serving {served.name!r} ({served.max_positions} positions, KV cache of {engine.cache.capacity} tokens) "
-          f"on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    config = uvicorn.Config(build_app(engine, served), host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=None)
-    uvicorn.Server(config).run()
-    return 0
+    try:
+        if parallel is not None and parallel.rank != 0:
+            # torchrun passes SIGTERM / Ctrl-C to every rank: this one keeps running steps while rank 0
+            # finishes the requests in flight, and ends when rank 0 says no more will come.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            engine.runner.follow()  # rank 0 schedules; this rank runs its share of every step
+            return 0
+        print(f"serving {served.name!r} ({served.max_positions} positions, KV cache of {engine.cache.capacity} "
+              f"tokens" + (f", tensor-parallel over {world} processes" if parallel else "")
+              + f") on http://{args.host}:{args.port}/v1", file=sys.stderr)
+        config = uvicorn.Config(build_app(engine, served), host=args.host, port=args.port, log_level="info",
+                                timeout_graceful_shutdown=None)
+        uvicorn.Server(config).run()
+        return 0
+    finally:
+        engine.runner.release_followers()  # also when the server could not start
+        if parallel is not None:
+            from megalm.parallel.state import destroy
+            destroy()
 
 
 if __name__ == "__main__":

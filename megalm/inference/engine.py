@@ -35,7 +35,8 @@ from typing import Callable, Optional
 import torch
 
 from megalm.inference.generate import SamplingParams, next_tokens, process_logits
-from megalm.inference.paged_cache import CacheExhausted, PagedKVCache
+from megalm.inference.paged_cache import CacheExhausted, PagedBatch, PagedKVCache, StepLayout
+from megalm.parallel.mappings import gather_from_tensor_parallel_region
 from megalm.parallel.tensor import vocab_parallel_logits
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class _Sequence:
 class Engine:
     def __init__(self, model, vocab_size: int, decode: Callable[[list], str], eod: Optional[int] = None,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, kv_cache_tokens: int = 16384,
-                 block_size: int = 16, max_queue: int = 64):
+                 block_size: int = 16, max_queue: int = 64, parallel=None):
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                             ("block_size", block_size)):
             if value < 1:
@@ -98,7 +99,10 @@ class Engine:
         self.max_num_seqs, self.max_num_batched_tokens, self.max_queue = max_num_seqs, max_num_batched_tokens, max_queue
         weight = next(model.parameters())
         self.device = weight.device
-        self.cache = PagedKVCache(model.config, kv_cache_tokens // block_size, block_size, self.device, weight.dtype)
+        tp = parallel.tensor_model_parallel_size if parallel is not None else 1
+        self.cache = PagedKVCache(model.config, kv_cache_tokens // block_size, block_size, self.device, weight.dtype,
+                                  model.config.query_groups // tp)
+        self.runner = ModelRunner(model, self.cache, vocab_size, parallel)
         self.waiting: collections.deque = collections.deque()  # _Sequence, admitted in order
         self.running: list = []
         self._aborted: set = set()
@@ -165,6 +169,7 @@ class Engine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
+        self.runner.release_followers()
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._aborted)
@@ -249,14 +254,11 @@ class Engine:
         """The new tokens of each sequence through the model: fp32 logits of each one's last position."""
         lengths = self.cache.lengths
         new = [seq.tokens[lengths[seq.request.id]:] for seq in batch]
-        width = max(len(t) for t in new)
-        tokens = torch.zeros(len(batch), width, dtype=torch.long, device=self.device)
+        tokens = torch.zeros(len(batch), max(len(t) for t in new), dtype=torch.long)
         for row, ids in enumerate(new):
-            tokens[row, :len(ids)] = torch.tensor(ids, device=self.device)
-        paged = self.cache.batch([seq.request.id for seq in batch], [len(t) for t in new])
-        h = self.model.hidden_states(tokens, paged)  # [b, s, h]
-        last = h[torch.arange(len(batch), device=self.device), paged.new - 1]
-        return vocab_parallel_logits(last, self.model.output_weight)[:, :self.vocab_size].float()
+            tokens[row, :len(ids)] = torch.tensor(ids)
+        seq_ids = [seq.request.id for seq in batch]
+        return self.runner.run(tokens.to(self.device), self.cache.layout(seq_ids, [len(t) for t in new]), seq_ids)
 
     def _sample(self, batch: list, logits: torch.Tensor) -> None:
         chosen = [0] * len(batch)
@@ -318,6 +320,65 @@ class Engine:
         if seq in self.running:
             self.running.remove(seq)
         self._emit(seq, out)
+
+
+class ModelRunner:
+    """Runs the model over one step: its tokens [b, s] and `StepLayout`; returns fp32 logits of each
+    row's last new token, [b, vocab_size].
+
+    Under tensor parallelism every rank holds its share of the heads (and of the cache) and all must
+    run every step together: the scheduling rank (TP rank 0) sends each step's tokens and layout to
+    the others before running it, and the others wait for steps in `follow`.
+    """
+
+    def __init__(self, model, cache: PagedKVCache, vocab_size: int, parallel=None):
+        self.model, self.cache, self.vocab_size = model, cache, vocab_size
+        self.group = parallel.tensor_model_parallel_group if parallel is not None else None
+        self.tp = parallel.tensor_model_parallel_size if parallel is not None else 1
+        self.device = cache.keys[0].device
+
+    def run(self, tokens: torch.Tensor, layout: StepLayout, seq_ids: Optional[list] = None) -> torch.Tensor:
+        if self.tp > 1 and seq_ids is not None:
+            self._send(tokens, layout)
+        with torch.no_grad():
+            paged = PagedBatch(self.cache, layout, seq_ids)
+            h = self.model.hidden_states(tokens, paged)  # [b, s, h]
+            last = h[torch.arange(tokens.shape[0], device=self.device), layout.new - 1]
+            logits = vocab_parallel_logits(last, self.model.output_weight)
+            if self.tp > 1:
+                logits = gather_from_tensor_parallel_region(logits, self.group)
+        return logits[:, :self.vocab_size].float()
+
+    def _send(self, tokens: torch.Tensor, layout: StepLayout) -> None:
+        import torch.distributed as dist
+        b, s = tokens.shape
+        header = torch.tensor([b, s, layout.tables.shape[1]], device=self.device)
+        dist.broadcast(header, dist.get_global_rank(self.group, 0), group=self.group)
+        body = torch.cat([tokens.flatten(), layout.cached, layout.new, layout.tables.flatten()])
+        dist.broadcast(body, dist.get_global_rank(self.group, 0), group=self.group)
+
+    def follow(self) -> None:
+        """On a rank other than the scheduling one: run every step it sends, until it sends none."""
+        import torch.distributed as dist
+        src = dist.get_global_rank(self.group, 0)
+        while True:
+            header = torch.zeros(3, dtype=torch.long, device=self.device)
+            dist.broadcast(header, src, group=self.group)
+            b, s, width = header.tolist()
+            if b == 0:
+                return
+            body = torch.zeros(b * s + 2 * b + b * width, dtype=torch.long, device=self.device)
+            dist.broadcast(body, src, group=self.group)
+            tokens, cached, new, tables = body.split([b * s, b, b, b * width])
+            self.run(tokens.view(b, s), StepLayout(cached, new, tables.view(b, width)))
+
+    def release_followers(self) -> None:
+        """Tell the other ranks that no step will come (the scheduling rank is stopping)."""
+        import torch.distributed as dist
+        if self.tp > 1 and dist.get_rank(self.group) == 0:
+            dist.broadcast(torch.zeros(3, dtype=torch.long, device=self.device),
+                           dist.get_global_rank(self.group, 0), group=self.group)
+            self.tp = 1
 
 
 def _first_stop(text: str, stops, emitted: int) -> Optional[int]:

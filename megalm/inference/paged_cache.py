@@ -16,7 +16,8 @@ sequence's own first token.
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
@@ -53,15 +54,18 @@ class BlockAllocator:
 
 
 class PagedKVCache:
-    """The block pool of every layer, [num_blocks, block_size, g, d] keys and values each, and the
-    block table of every sequence (by id)."""
+    """The block pool of every layer (one row per slot: [num_blocks * block_size, g, d] keys and values
+    each) and the block table of every sequence (by id).
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, device=None, dtype=torch.float32):
+    `query_groups`: the key/value heads this process holds (under tensor parallelism, its share)."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, device=None, dtype=torch.float32,
+                 query_groups: Optional[int] = None):
         if block_size < 1:
             raise ValueError(f"the KV cache block size must be positive, got {block_size}")
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
-        shape = (num_blocks * block_size, config.query_groups, config.head_dim)  # one row per slot
+        shape = (num_blocks * block_size, query_groups or config.query_groups, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.tables: dict = {}  # sequence id -> [block ids]
@@ -97,20 +101,45 @@ class PagedKVCache:
         self.allocator.free(self.tables.pop(seq_id, []))
         self.lengths.pop(seq_id, None)
 
+    def layout(self, seq_ids: Sequence, new_tokens: Sequence[int]) -> "StepLayout":
+        """Where a step over `seq_ids`, each adding new_tokens[i] tokens, reads and writes (blocks reserved)."""
+        device = self.keys[0].device
+        cached = [self.lengths[i] for i in seq_ids]
+        width = -(-max(c + n for c, n in zip(cached, new_tokens)) // self.block_size)
+        tables = torch.zeros(len(seq_ids), width, dtype=torch.long)
+        for row, (seq_id, c, n) in enumerate(zip(seq_ids, cached, new_tokens)):
+            blocks = self.tables[seq_id]
+            if len(blocks) * self.block_size < c + n:
+                raise ValueError(f"sequence {seq_id} has {len(blocks)} blocks for {c + n} tokens: "
+                                 f"reserve its blocks before the step")
+            tables[row, :min(len(blocks), width)] = torch.tensor(blocks[:width])
+        return StepLayout(torch.tensor(cached, device=device), torch.tensor(list(new_tokens), device=device),
+                          tables.to(device))
+
     def batch(self, seq_ids: Sequence, new_tokens: Sequence[int]) -> "PagedBatch":
-        """A step over `seq_ids`, each adding new_tokens[i] tokens (their blocks already reserved)."""
-        return PagedBatch(self, list(seq_ids), list(new_tokens))
+        """A step over `seq_ids` that records their new lengths once the model has run it."""
+        return PagedBatch(self, self.layout(seq_ids, new_tokens), list(seq_ids))
+
+
+@dataclass
+class StepLayout:
+    """One step's sequences: tokens already cached [b], new tokens [b], block tables [b, W]. Three
+    tensors, so that every tensor-parallel rank can be sent the same step."""
+    cached: torch.Tensor
+    new: torch.Tensor
+    tables: torch.Tensor
 
 
 class PagedBatch:
-    """One forward step over several sequences of a `PagedKVCache`, with the model's KV cache interface."""
+    """One forward step over several sequences of a `PagedKVCache`, with the model's KV cache interface.
+    With `seq_ids` the cache's lengths advance after the step; without, only the pools are touched
+    (a tensor-parallel rank that follows another's scheduling)."""
 
-    def __init__(self, cache: PagedKVCache, seq_ids: list, new_tokens: list):
+    def __init__(self, cache: PagedKVCache, layout: StepLayout, seq_ids: Optional[list] = None):
         self.cache, self.seq_ids = cache, seq_ids
         device = cache.keys[0].device
-        self.cached = torch.tensor([cache.lengths[i] for i in seq_ids], device=device)  # [b]
-        self.new = torch.tensor(new_tokens, device=device)  # [b]
-        self.width = max(new_tokens)  # s: the right-padded step width
+        self.cached, self.new = layout.cached, layout.new
+        self.width = int(self.new.max())  # s: the right-padded step width
         self.total = self.cached + self.new
         # The model reads seq_len for its position-table check and left_padding to take the masked path;
         # rows here have no left padding: each starts at slot 0 of its first block.
@@ -118,20 +147,11 @@ class PagedBatch:
         self.left_padding = torch.zeros_like(self.cached)
         bs = cache.block_size
         longest = int(self.total.max())
-        table_width = -(-longest // bs)
-        tables = torch.zeros(len(seq_ids), table_width, dtype=torch.long, device=device)
-        for row, seq_id in enumerate(seq_ids):
-            blocks = cache.tables[seq_id]
-            if len(blocks) * bs < int(self.total[row]):
-                raise ValueError(f"sequence {seq_id} has {len(blocks)} blocks for {int(self.total[row])} tokens: "
-                                 f"reserve its blocks before the step")
-            tables[row, :len(blocks[:table_width])] = torch.tensor(blocks[:table_width], device=device)
         positions = torch.arange(longest, device=device)
-        slots = tables[:, positions // bs] * bs + positions % bs  # [b, L]: each row's token j -> its slot
-        self.gather_slots = slots
+        self.gather_slots = layout.tables[:, positions // bs] * bs + positions % bs  # [b, L]: token j -> its slot
         new_positions = self.position_ids(self.width)  # [b, s]
         self.real = torch.arange(self.width, device=device)[None, :] < self.new[:, None]  # [b, s]
-        self.write_slots = slots.gather(1, new_positions)[self.real]
+        self.write_slots = self.gather_slots.gather(1, new_positions)[self.real]
         keys = torch.arange(longest, device=device)
         # Query t of a row sees that row's keys up to its own position and none past the row's end.
         self.mask = ((keys[None, None, :] <= new_positions[:, :, None])
@@ -157,6 +177,6 @@ class PagedBatch:
 
     def advance(self, n: int) -> None:
         """After the model's step: each row now caches its new tokens."""
-        for seq_id, added in zip(self.seq_ids, self.new.tolist()):
+        for seq_id, added in zip(self.seq_ids or (), self.new.tolist()):
             self.cache.lengths[seq_id] += added
         self.seq_len += n

@@ -434,11 +434,12 @@ def _sse(payload: dict) -> str:
 
 def make_server(loaded, name: Optional[str] = None, chat_template: Optional[str] = None, max_num_seqs: int = 16,
                 max_num_batched_tokens: Optional[int] = None, kv_cache_tokens: Optional[int] = None,
-                block_size: int = 16, max_queue: int = 64) -> tuple:
+                block_size: int = 16, max_queue: int = 64, parallel=None) -> tuple:
     """(Engine, ServedModel) for a `megalm.inference.loading.LoadedModel` with a tokenizer.
 
     Defaults: a prefill step takes up to one full context; the cache holds a full context for every
-    sequence that may run (`max_num_seqs` x the model's positions).
+    sequence that may run (`max_num_seqs` x the model's positions). `parallel`: the tensor-parallel
+    state the model was loaded with.
     """
     import os
 
@@ -451,7 +452,7 @@ def make_server(loaded, name: Optional[str] = None, chat_template: Optional[str]
     engine = Engine(loaded.model, loaded.vocab_size, loaded.tokenizer.decode, loaded.tokenizer.eod,
                     max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens or positions,
                     kv_cache_tokens=kv_cache_tokens or max_num_seqs * positions, block_size=block_size,
-                    max_queue=max_queue)
+                    max_queue=max_queue, parallel=parallel)
     templates = load_chat_templates(tokenizer_directory(loaded.config.data), loaded.tokenizer, chat_template)
     served = ServedModel(name or os.path.basename(os.path.normpath(loaded.path)), loaded.tokenizer, positions,
                          templates)
