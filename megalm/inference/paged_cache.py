@@ -150,8 +150,9 @@ class PagedBatch:
         positions = torch.arange(longest, device=device)
         self.gather_slots = layout.tables[:, positions // bs] * bs + positions % bs  # [b, L]: token j -> its slot
         new_positions = self.position_ids(self.width)  # [b, s]
-        self.real = torch.arange(self.width, device=device)[None, :] < self.new[:, None]  # [b, s]
-        self.write_slots = self.gather_slots.gather(1, new_positions)[self.real]
+        real = torch.arange(self.width, device=device)[None, :] < self.new[:, None]  # [b, s]: not padding
+        self.real_rows = real.flatten().nonzero().squeeze(1)  # in the [b * s] new tokens
+        self.write_slots = self.gather_slots.gather(1, new_positions)[real]
         keys = torch.arange(longest, device=device)
         # Query t of a row sees that row's keys up to its own position and none past the row's end.
         self.mask = ((keys[None, None, :] <= new_positions[:, :, None])
@@ -171,9 +172,13 @@ class PagedBatch:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store the real tokens of k, v [b, s, g, d]; return every row's keys and values [b, L, g, d]."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys[self.write_slots] = k[self.real]
-        values[self.write_slots] = v[self.real]
-        return keys[self.gather_slots], values[self.gather_slots]
+        b, s, g, d = k.shape
+        # index_copy_ / index_select: much faster on CPU than indexing by a tensor (index_put / gather).
+        keys.index_copy_(0, self.write_slots, k.reshape(b * s, g, d).index_select(0, self.real_rows))
+        values.index_copy_(0, self.write_slots, v.reshape(b * s, g, d).index_select(0, self.real_rows))
+        slots = self.gather_slots.flatten()
+        shape = (b, self.gather_slots.shape[1], g, d)
+        return keys.index_select(0, slots).view(shape), values.index_select(0, slots).view(shape)
 
     def advance(self, n: int) -> None:
         """After the model's step: each row now caches its new tokens."""
