@@ -346,6 +346,9 @@ BAD = [
     ("messages as text", "/v1/chat/completions", {"model": "tiny", "messages": "hi"}, 400, "'messages' must be"),
     ("a role the template rejects", "/v1/chat/completions",
      {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "unknown role wizard"),
+    ("a penalty this server does not apply", "/v1/chat/completions",
+     {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400,
+     "'presence_penalty' is not supported"),
     ("unknown path", "/v1/embeddings", {"model": "tiny", "input": "hi"}, 404, "Not Found"),
 ]
 
@@ -413,6 +416,27 @@ def test_serve_tool_checks_its_flags(loaded, capsys):
     assert "error: --max-num-seqs must be at least 1" in capsys.readouterr().err
     assert serve.main(["--load", loaded.path, "--quantize", "gptq-int4"]) == 2
     assert "error: --quantize gptq-int4 needs --calibration-input" in capsys.readouterr().err
+
+
+def test_quantized_serving_equals_generate_of_the_quantized_model(loaded):
+    """--quantize int8 through tools/serve.py's code: the engine's greedy text is the quantized
+    model's own `generate` text."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import serve
+
+    from megalm.inference.loading import load_model
+    from megalm.model.quantized import QuantizedLinear
+    args = serve.parse_args(["--load", loaded.path, "--quantize", "int8", "--device", "cpu"])
+    quantized = load_model(loaded.path, device="cpu")
+    serve.quantize_loaded(args, quantized)
+    assert any(isinstance(m, QuantizedLinear) for m in quantized.model.modules())
+    engine = Engine(quantized.model, quantized.vocab_size, quantized.tokenizer.decode, quantized.tokenizer.eod)
+    prompts = [quantized.tokenizer.encode(p) for p in PROMPTS[:3]]
+    requests = [Request(str(i), p, SamplingParams(max_new_tokens=12, temperature=0.0), None)
+                for i, p in enumerate(prompts)]
+    outputs = _run(engine, requests)
+    for r, p in zip(requests, prompts):
+        assert "".join(o.text for o in outputs[r.id]) == _solo(quantized, p, 12)[0]
 
 
 def test_tensor_parallel_serving_under_torchrun_equals_one_process(loaded):

@@ -11,7 +11,8 @@ tokens to list, up to 20; chat: true with top_logprobs), plus top_k as vLLM take
 response is server-sent events, `data: {json}` each, then `data: [DONE]`.
 
 Every refusal is an OpenAI error body, {"error": {"message", "type", "code"}}: 400 for malformed
-JSON, a field of the wrong type or range, or a prompt that does not fit the context; 404 for an
+JSON, a field of the wrong type or range, a field this server does not support (echo, best_of,
+penalties, logit_bias, suffix), or a prompt that does not fit the context; 404 for an
 unknown model or path; 429 when the wait queue is full; 500 when the model fails a step. A client
 that goes away (a closed stream, or a dropped connection while it waits) aborts its requests and
 frees their slots.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -77,6 +79,16 @@ def _field(body: dict, name: str, kind, default=None, low=None, high=None):
         bounds = f"at least {low}" if high is None else f"between {low} and {high}"
         raise APIError(400, f"'{name}' must be {bounds}, got {value}", param=name)
     return value
+
+
+def _check_unsupported(body: dict) -> None:
+    """Fields this server would otherwise ignore while the client counts on them."""
+    asked = [name for name, off in (("echo", False), ("best_of", 1), ("presence_penalty", 0),
+                                    ("frequency_penalty", 0), ("logit_bias", {}), ("suffix", ""))
+             if body.get(name) not in (None, off)]
+    if asked:
+        raise APIError(400, f"'{asked[0]}' is not supported by this server: send the request without it",
+                       param=asked[0])
 
 
 def _stop_strings(body: dict) -> list:
@@ -154,8 +166,7 @@ def build_app(engine: Engine, served: ServedModel):
         _check_model(body, served)
         prompts = _completion_prompts(body, served.tokenizer)
         logprobs = _field(body, "logprobs", int, None, 0, MAX_LOGPROBS)
-        if _field(body, "echo", bool, False):
-            raise APIError(400, "'echo' is not supported: ask without it", param="echo")
+        _check_unsupported(body)
         jobs = [(p, _sampling(body, _max_tokens(body, len(p), served.max_positions, 16))) for p in prompts]
         call = _Call(engine, served, "cmpl", body, jobs, logprobs, chat=False)
         return await call.respond(request, JSONResponse, StreamingResponse)
@@ -164,6 +175,7 @@ def build_app(engine: Engine, served: ServedModel):
     async def chat_completions(request: HTTPRequest):
         body = await _json_body(request)
         _check_model(body, served)
+        _check_unsupported(body)
         prompt = _chat_prompt(body, served)
         logprobs = None
         if _field(body, "logprobs", bool, False):
@@ -283,10 +295,10 @@ class _Call:
         self.open = set()
 
     def _submit(self) -> None:
-        loop = asyncio.get_running_loop()
+        mailbox = _Mailbox.of(asyncio.get_running_loop())
         for index, prompt, params in self.choices:
             def emit(out, index=index):
-                loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+                mailbox.post(self.queue, (index, out))
             request_id = f"{self.id}-{index}"
             try:
                 self.engine.submit(Request(request_id, prompt, params, emit, self.logprobs))
@@ -313,7 +325,9 @@ class _Call:
             self._abort()
 
     async def _next(self, request=None):
-        """The next (index, Output); while waiting, a dropped connection aborts the call."""
+        """The next (index, Output); while waiting, a dropped connection (of `request`) aborts the call."""
+        if request is None:
+            return await self.queue.get()
         while True:
             try:
                 return await asyncio.wait_for(self.queue.get(), timeout=0.5)
@@ -410,6 +424,36 @@ class _Call:
         return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
                 "top_logprobs": [{piece([u]): ulp for u, ulp in top} for _, _, top in entries],
                 "text_offset": offsets}
+
+
+class _Mailbox:
+    """Outputs from the engine's thread to one event loop's queues: one wake-up of the loop per batch of
+    outputs (a step's), not one per token."""
+    _of_loop: dict = {}
+
+    def __init__(self, loop):
+        self.loop, self.pending, self.lock, self.scheduled = loop, [], threading.Lock(), False
+
+    @classmethod
+    def of(cls, loop) -> "_Mailbox":
+        if loop not in cls._of_loop:
+            cls._of_loop = {k: v for k, v in cls._of_loop.items() if not k.is_closed()}
+            cls._of_loop[loop] = cls(loop)
+        return cls._of_loop[loop]
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending, self.scheduled = self.pending, [], False
+        for queue, item in pending:
+            queue.put_nowait(item)
 
 
 class _Usage:
