@@ -133,8 +133,9 @@ def test_paged_cache_reserves_whole_blocks_all_or_none():
 
 
 def test_paged_batch_logits_equal_the_model_alone():
-    """Prompts of different lengths prefilled in one step, then one decode step: each row's logits
-    equal the model's on that sequence alone (GQA, RoPE positions counted per sequence)."""
+    """Prompts of different lengths prefilled in one step, then one decode step, then decode tokens
+    packed with a new prompt: each token's hidden state equals the model's on its sequence alone (GQA,
+    RoPE positions counted per sequence)."""
     from megalm.model import GPTModel
     torch.manual_seed(0)
     model = GPTModel(_tiny_config()).eval()
@@ -147,10 +148,19 @@ def test_paged_batch_logits_equal_the_model_alone():
     with torch.no_grad():
         h = model.hidden_states(tokens, cache.batch([0, 1, 2], [len(p) for p in prompts]))
         step = model.hidden_states(torch.tensor([[1], [2], [3]]), cache.batch([0, 1, 2], [1, 1, 1]))[:, 0]
+        # Packed: sequences 0 and 1 decode one more token while sequence 3's prompt is prefilled.
+        late = [9, 8, 7, 6]
+        cache.reserve(0, 1)
+        cache.reserve(1, 1)
+        cache.reserve(3, len(late))
+        packed = model.hidden_states(torch.tensor([[4, 5] + late]), cache.batch([0, 1, 3], [1, 1, 4], packed=True))[0]
         for i, p in enumerate(prompts):
             alone = model.hidden_states(torch.tensor([p + [i + 1]]))[0]
             assert (h[i, :len(p)] - alone[:len(p)]).abs().max() < 1e-5
             assert (step[i] - alone[-1]).abs().max() < 1e-5
+        for row, full in ((0, prompts[0] + [1, 4]), (1, prompts[1] + [2, 5])):
+            assert (packed[row] - model.hidden_states(torch.tensor([full]))[0, -1]).abs().max() < 1e-5
+        assert (packed[2:] - model.hidden_states(torch.tensor([late]))[0]).abs().max() < 1e-5
 
 
 def _run(engine, requests):
@@ -178,7 +188,7 @@ def test_engine_batches_within_its_caps_and_preempts_without_changing_greedy_out
         g = generate(loaded.model, [p], r.params, vocab_size=loaded.vocab_size, decode=tok.decode)[0]
         assert "".join(o.text for o in outputs[r.id]) == g.text
         assert outputs[r.id][-1].finish_reason == "length" and outputs[r.id][-1].completion_tokens == len(g.tokens)
-    assert engine.peak_running == 3 and engine.preemptions > 0
+    assert engine.peak_running == 3 and engine.preemptions > 0 and engine.packed_steps > 0
     assert engine.peak_cached_tokens <= 64 and engine.cache.used_blocks == 0
 
 

@@ -1,14 +1,17 @@
 """Continuous batching (Yu et al. 2022, Orca; vLLM's scheduler): one loop owns the model and runs
 it step by step over whichever sequences are live.
 
-Every step either prefills newly admitted requests (their whole prompts, as one right-padded batch)
-or decodes one token for every running sequence (one batch of width 1). Between steps new requests
-join and finished ones leave, so a short request never waits for a long one to end. Keys and values
-live in a `PagedKVCache`: a sequence takes a block when its tokens reach it and frees its blocks
-when it ends.
+Every step first reserves the next token's slot of each running sequence, then admits waiting
+requests, then runs one forward: the running sequences' next tokens and the admitted prompts
+together, packed into one row (`PagedBatch`) so that neither pads to the other; or, when that
+packed step would be too large, the prompts alone, as one right-padded batch; or, with nothing
+admitted, one decode token per running sequence as one batch. Between steps new requests join and
+finished ones leave, so a short request never waits for a long one to end. Keys and values live in
+a `PagedKVCache`: a sequence takes a block when its tokens reach it and frees its blocks when it
+ends.
 
 Limits: at most `max_num_seqs` sequences run at once; a prefill step takes at most
-`max_num_batched_tokens` prompt tokens; the cache holds `num_blocks * block_size` tokens. A request
+`max_num_batched_tokens` tokens (prompts plus decode tokens); the cache holds `num_blocks * block_size` tokens. A request
 beyond them waits in a queue of at most `max_queue` requests (`QueueFull` past it). When a decode
 step finds no free block for a running sequence, the most recently admitted sequence is preempted:
 its blocks are freed and it returns to the head of the queue, to be prefilled again (prompt plus
@@ -40,6 +43,8 @@ from megalm.parallel.mappings import gather_from_tensor_parallel_region
 from megalm.parallel.tensor import vocab_parallel_logits
 
 log = logging.getLogger(__name__)
+
+MAX_PACKED_SCORES = 1 << 20  # query x key pairs of a packed step (per head), to bound its mask and scores
 
 
 class QueueFull(RuntimeError):
@@ -112,6 +117,7 @@ class Engine:
         self.steps = 0
         self.preemptions = 0
         self.peak_running = 0
+        self.packed_steps = 0
 
     # ---- the client side (any thread) ----
 
@@ -184,22 +190,40 @@ class Engine:
             self.step()
 
     def step(self) -> None:
-        """One scheduling step: aborts, then a prefill of admitted requests or a decode of the running ones."""
+        """One scheduling step: aborts; the running sequences' next slots; admissions; then one forward."""
         self._take_aborts()
-        admitted = self._admit()
-        batch = admitted or self._make_room()
+        preemptions = self.preemptions
+        decoding = self._make_room()
+        # After a preemption the cache is full: admitting now would only preempt again.
+        admitted = self._admit(len(decoding)) if self.preemptions == preemptions else []
+        batch, packed = decoding or admitted, False
+        if admitted and decoding:
+            if self._can_pack(decoding, admitted):
+                batch, packed = decoding + admitted, True
+                self.packed_steps += 1
+            else:  # prefill alone this step; the running sequences keep their reserved slots for the next
+                batch = admitted
         if not batch:
             return
         self.peak_running = max(self.peak_running, len(self.running))
         try:
             with torch.no_grad():
-                logits = self._forward(batch)
+                logits = self._forward(batch, packed)
             self._sample(batch, logits)
         except Exception as e:  # a failed step fails its requests, never the server
             log.exception("engine step failed")
             for seq in batch:
                 self._finish(seq, Output(), "error", error=f"{type(e).__name__}: {e}")
         self.steps += 1
+
+    def _can_pack(self, decoding: list, admitted: list) -> bool:
+        """Whether prompts and decode tokens go in one packed step: its query x key pairs stay under
+        MAX_PACKED_SCORES (each query is masked against every sequence's keys), and a model with
+        learned positions sees no more tokens in its row than it has positions."""
+        queries = len(decoding) + sum(len(seq.tokens) for seq in admitted)
+        keys = sum(len(seq.tokens) for seq in decoding + admitted)
+        learned = self.model.config.position_embedding_type == "learned_absolute"
+        return queries * keys <= MAX_PACKED_SCORES and not (learned and queries > self.model.config.max_positions)
 
     def _take_aborts(self) -> None:
         with self._cond:
@@ -208,9 +232,10 @@ class Engine:
         for seq in [s for s in self.running if s.request.id in aborted]:
             self._finish(seq, Output(), "abort")
 
-    def _admit(self) -> list:
-        """Move waiting requests into the batch while sequences, prefill tokens and blocks allow."""
-        admitted, tokens = [], 0
+    def _admit(self, decoding: int) -> list:
+        """Move waiting requests into the batch while sequences, step tokens (`decoding` taken by the
+        running sequences) and blocks allow."""
+        admitted, tokens = [], decoding
         with self._cond:
             while self.waiting and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
@@ -250,15 +275,19 @@ class Engine:
             self.waiting.appendleft(seq)
         self.preemptions += 1
 
-    def _forward(self, batch: list) -> torch.Tensor:
+    def _forward(self, batch: list, packed: bool) -> torch.Tensor:
         """The new tokens of each sequence through the model: fp32 logits of each one's last position."""
         lengths = self.cache.lengths
         new = [seq.tokens[lengths[seq.request.id]:] for seq in batch]
-        tokens = torch.zeros(len(batch), max(len(t) for t in new), dtype=torch.long)
-        for row, ids in enumerate(new):
-            tokens[row, :len(ids)] = torch.tensor(ids)
+        if packed:
+            tokens = torch.tensor([[t for ids in new for t in ids]])
+        else:
+            tokens = torch.zeros(len(batch), max(len(t) for t in new), dtype=torch.long)
+            for row, ids in enumerate(new):
+                tokens[row, :len(ids)] = torch.tensor(ids)
         seq_ids = [seq.request.id for seq in batch]
-        return self.runner.run(tokens.to(self.device), self.cache.layout(seq_ids, [len(t) for t in new]), seq_ids)
+        layout = self.cache.layout(seq_ids, [len(t) for t in new], packed)
+        return self.runner.run(tokens.to(self.device), layout, seq_ids)
 
     def _sample(self, batch: list, logits: torch.Tensor) -> None:
         chosen = [0] * len(batch)
@@ -338,12 +367,13 @@ class ModelRunner:
         self.device = cache.keys[0].device
 
     def run(self, tokens: torch.Tensor, layout: StepLayout, seq_ids: Optional[list] = None) -> torch.Tensor:
+        """tokens: [b, s] right-padded, or [1, T] when the layout is packed."""
         if self.tp > 1 and seq_ids is not None:
             self._send(tokens, layout)
         with torch.no_grad():
             paged = PagedBatch(self.cache, layout, seq_ids)
-            h = self.model.hidden_states(tokens, paged)  # [b, s, h]
-            last = h[torch.arange(tokens.shape[0], device=self.device), layout.new - 1]
+            h = self.model.hidden_states(tokens, paged)  # [rows, s, h]
+            last = h[paged.last]  # each sequence's last new token
             logits = vocab_parallel_logits(last, self.model.output_weight)
             if self.tp > 1:
                 logits = gather_from_tensor_parallel_region(logits, self.group)
@@ -351,8 +381,9 @@ class ModelRunner:
 
     def _send(self, tokens: torch.Tensor, layout: StepLayout) -> None:
         import torch.distributed as dist
-        b, s = tokens.shape
-        header = torch.tensor([b, s, layout.tables.shape[1]], device=self.device)
+        rows, s = tokens.shape
+        b, width = layout.tables.shape
+        header = torch.tensor([b, rows, s, width, int(layout.packed)], device=self.device)
         dist.broadcast(header, dist.get_global_rank(self.group, 0), group=self.group)
         body = torch.cat([tokens.flatten(), layout.cached, layout.new, layout.tables.flatten()])
         dist.broadcast(body, dist.get_global_rank(self.group, 0), group=self.group)
@@ -362,21 +393,21 @@ class ModelRunner:
         import torch.distributed as dist
         src = dist.get_global_rank(self.group, 0)
         while True:
-            header = torch.zeros(3, dtype=torch.long, device=self.device)
+            header = torch.zeros(5, dtype=torch.long, device=self.device)
             dist.broadcast(header, src, group=self.group)
-            b, s, width = header.tolist()
+            b, rows, s, width, packed = header.tolist()
             if b == 0:
                 return
-            body = torch.zeros(b * s + 2 * b + b * width, dtype=torch.long, device=self.device)
+            body = torch.zeros(rows * s + 2 * b + b * width, dtype=torch.long, device=self.device)
             dist.broadcast(body, src, group=self.group)
-            tokens, cached, new, tables = body.split([b * s, b, b, b * width])
-            self.run(tokens.view(b, s), StepLayout(cached, new, tables.view(b, width)))
+            tokens, cached, new, tables = body.split([rows * s, b, b, b * width])
+            self.run(tokens.view(rows, s), StepLayout(cached, new, tables.view(b, width), bool(packed)))
 
     def release_followers(self) -> None:
         """Tell the other ranks that no step will come (the scheduling rank is stopping)."""
         import torch.distributed as dist
         if self.tp > 1 and dist.get_rank(self.group) == 0:
-            dist.broadcast(torch.zeros(3, dtype=torch.long, device=self.device),
+            dist.broadcast(torch.zeros(5, dtype=torch.long, device=self.device),
                            dist.get_global_rank(self.group, 0), group=self.group)
             self.tp = 1
 

@@ -101,7 +101,7 @@ class PagedKVCache:
         self.allocator.free(self.tables.pop(seq_id, []))
         self.lengths.pop(seq_id, None)
 
-    def layout(self, seq_ids: Sequence, new_tokens: Sequence[int]) -> "StepLayout":
+    def layout(self, seq_ids: Sequence, new_tokens: Sequence[int], packed: bool = False) -> "StepLayout":
         """Where a step over `seq_ids`, each adding new_tokens[i] tokens, reads and writes (blocks reserved)."""
         device = self.keys[0].device
         cached = [self.lengths[i] for i in seq_ids]
@@ -114,11 +114,11 @@ class PagedKVCache:
                                  f"reserve its blocks before the step")
             tables[row, :min(len(blocks), width)] = torch.tensor(blocks[:width])
         return StepLayout(torch.tensor(cached, device=device), torch.tensor(list(new_tokens), device=device),
-                          tables.to(device))
+                          tables.to(device), packed)
 
-    def batch(self, seq_ids: Sequence, new_tokens: Sequence[int]) -> "PagedBatch":
+    def batch(self, seq_ids: Sequence, new_tokens: Sequence[int], packed: bool = False) -> "PagedBatch":
         """A step over `seq_ids` that records their new lengths once the model has run it."""
-        return PagedBatch(self, self.layout(seq_ids, new_tokens), list(seq_ids))
+        return PagedBatch(self, self.layout(seq_ids, new_tokens, packed), list(seq_ids))
 
 
 @dataclass
@@ -128,43 +128,74 @@ class StepLayout:
     cached: torch.Tensor
     new: torch.Tensor
     tables: torch.Tensor
+    packed: bool = False  # the new tokens as one row (see PagedBatch)
 
 
 class PagedBatch:
     """One forward step over several sequences of a `PagedKVCache`, with the model's KV cache interface.
     With `seq_ids` the cache's lengths advance after the step; without, only the pools are touched
-    (a tensor-parallel rank that follows another's scheduling)."""
+    (a tensor-parallel rank that follows another's scheduling).
+
+    Two layouts of the new tokens: one row per sequence, right-padded to the longest ([b, s]), or
+    all of them packed into one row ([1, T], `StepLayout.packed`), which wastes no compute on padding
+    when prompts and single decode tokens share a step (attention then spans every sequence's keys,
+    masked to the query's own sequence)."""
 
     def __init__(self, cache: PagedKVCache, layout: StepLayout, seq_ids: Optional[list] = None):
         self.cache, self.seq_ids = cache, seq_ids
-        device = cache.keys[0].device
         self.cached, self.new = layout.cached, layout.new
-        self.width = int(self.new.max())  # s: the right-padded step width
         self.total = self.cached + self.new
-        # The model reads seq_len for its position-table check and left_padding to take the masked path;
-        # rows here have no left padding: each starts at slot 0 of its first block.
-        self.seq_len = int(self.cached.max())
-        self.left_padding = torch.zeros_like(self.cached)
         bs = cache.block_size
+        # Each sequence's slots, in token order: [b, longest].
         longest = int(self.total.max())
-        positions = torch.arange(longest, device=device)
-        self.gather_slots = layout.tables[:, positions // bs] * bs + positions % bs  # [b, L]: token j -> its slot
-        new_positions = self.position_ids(self.width)  # [b, s]
-        real = torch.arange(self.width, device=device)[None, :] < self.new[:, None]  # [b, s]: not padding
+        positions = torch.arange(longest, device=self.cached.device)
+        slots = layout.tables[:, positions // bs] * bs + positions % bs
+        (self._packed if layout.packed else self._rows)(slots, longest)
+        # The model reads seq_len for its position-table check and left_padding to take the masked path;
+        # there is no left padding: each sequence starts at slot 0 of its first block.
+        self.left_padding = torch.zeros(self.queries.shape[0], dtype=torch.long, device=self.cached.device)
+
+    def _rows(self, slots: torch.Tensor, longest: int) -> None:
+        device = slots.device
+        self.width = int(self.new.max())  # s: the right-padded step width
+        self.seq_len = int(self.cached.max())
+        steps = torch.arange(self.width, device=device)[None, :]
+        self.queries = self.cached[:, None] + steps.minimum(self.new[:, None] - 1)  # [b, s]; padding repeats
+        real = steps < self.new[:, None]  # [b, s]: not padding
         self.real_rows = real.flatten().nonzero().squeeze(1)  # in the [b * s] new tokens
-        self.write_slots = self.gather_slots.gather(1, new_positions)[real]
+        self.write_slots = slots.gather(1, self.queries)[real]
+        self.gather_slots = slots  # [b, L]
+        self.last = (torch.arange(len(self.new), device=device), self.new - 1)
         keys = torch.arange(longest, device=device)
         # Query t of a row sees that row's keys up to its own position and none past the row's end.
-        self.mask = ((keys[None, None, :] <= new_positions[:, :, None])
+        self.mask = ((keys[None, None, :] <= self.queries[:, :, None])
                      & (keys[None, None, :] < self.total[:, None, None]))[:, None]  # [b, 1, s, L]
 
+    def _packed(self, slots: torch.Tensor, longest: int) -> None:
+        device = slots.device
+        b = len(self.new)
+        rows = torch.arange(b, device=device)
+        token_seq = rows.repeat_interleave(self.new)  # [T]: whose token
+        starts = torch.cumsum(self.new, 0) - self.new
+        positions = self.cached[token_seq] + torch.arange(len(token_seq), device=device) - starts[token_seq]
+        key_seq = rows.repeat_interleave(self.total)  # [K]: every sequence's keys, one after the other
+        key_pos = torch.arange(len(key_seq), device=device) - (torch.cumsum(self.total, 0) - self.total)[key_seq]
+        self.width, self.seq_len = len(token_seq), 0
+        self.queries = positions[None]  # [1, T]
+        self.real_rows = torch.arange(self.width, device=device)
+        self.write_slots = slots[token_seq, positions]
+        self.gather_slots = slots[key_seq, key_pos][None]  # [1, K]
+        self.last = (torch.zeros(b, dtype=torch.long, device=device), starts + self.new - 1)
+        self.mask = ((key_seq[None, :] == token_seq[:, None]) & (key_pos[None, :] <= positions[:, None]))[None, None]
+
     def position_ids(self, s: int) -> torch.Tensor:
-        """Positions of each row's next s tokens: [b, s] (padding columns repeat the last real one's)."""
-        steps = torch.arange(s, device=self.cached.device)[None, :].minimum(self.new[:, None] - 1)
-        return self.cached[:, None] + steps
+        """Positions of the step's new tokens, each counted in its own sequence: [rows, s]."""
+        if s != self.width:
+            raise ValueError(f"this step was laid out for {self.width} new positions per row, not {s}")
+        return self.queries
 
     def attention_mask(self, s: int) -> torch.Tensor:
-        """[b, 1, s, L] bool, True where a query may attend a key (the same for every layer)."""
+        """[rows, 1, s, keys] bool, True where a query may attend a key (the same for every layer)."""
         if s != self.width:
             raise ValueError(f"this step was laid out for {self.width} new positions per row, not {s}")
         return self.mask
