@@ -370,7 +370,7 @@ class ModelRunner:
         """tokens: [b, s] right-padded, or [1, T] when the layout is packed."""
         if self.tp > 1 and seq_ids is not None:
             self._send(tokens, layout)
-        with torch.no_grad():
+        with torch.inference_mode():
             paged = PagedBatch(self.cache, layout, seq_ids)
             h = self.model.hidden_states(tokens, paged)  # [rows, s, h]
             last = h[paged.last]  # each sequence's last new token
