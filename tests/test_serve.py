@@ -304,6 +304,12 @@ def test_n_seed_and_logprobs(loaded, client):
     again = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=8, temperature=1.0, seed=5, n=2,
                                       logprobs=3)
     assert [c.text for c in r.choices] == [c.text for c in again.choices]
+    streamed = {0: "", 1: ""}
+    for chunk in client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=8, temperature=1.0, seed=5,
+                                           n=2, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert [streamed[0], streamed[1]] == [c.text for c in r.choices]
     assert [c.index for c in r.choices] == [0, 1] and r.usage.prompt_tokens == len(loaded.tokenizer.encode(PROMPTS[3]))
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) > 0
