@@ -381,6 +381,21 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0).choices[0].text
 
 
+def test_a_failure_inside_the_server_is_a_500_in_the_api_shape(server, client, monkeypatch):
+    class Broken:
+        vocab_size = 10
+
+        def encode(self, text):
+            raise RuntimeError("tokenizer broke")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(server[1], "tokenizer", Broken())
+        r = httpx.post(server[2].url + "/v1/completions", json={"model": "tiny", "prompt": "hi"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "RuntimeError: tokenizer broke" in r.json()["error"]["message"]
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=0).choices[0].text
+
+
 def test_full_queue_gets_429_and_a_disconnect_frees_its_slot(loaded):
     engine, _, thread = _serve(loaded, max_num_seqs=1, max_queue=0)
     try:

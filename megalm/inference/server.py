@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -32,6 +33,8 @@ from fastapi import Request as HTTPRequest
 
 from megalm.inference.engine import Engine, Output, QueueFull, Request
 from megalm.inference.generate import SamplingParams
+
+log = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
@@ -151,6 +154,12 @@ def build_app(engine: Engine, served: ServedModel):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind).body(),
                             status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, e: Exception):  # a bug here must still answer in the API's shape
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(APIError(500, f"the server failed on this request: {type(e).__name__}: {e}",
+                                     "server_error").body(), status_code=500)
 
     @app.get("/health")
     async def health():
