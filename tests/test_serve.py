@@ -169,9 +169,11 @@ def _run(engine, requests):
     for r in requests:
         r.emit = outputs[r.id].append
         engine.submit(r)
-    while engine.has_work():
+    for _ in range(5000):
+        if not engine.has_work():
+            return outputs
         engine.step()
-    return outputs
+    raise AssertionError(f"the engine did not finish: {engine.num_running} running, {engine.num_waiting} waiting")
 
 
 def test_engine_batches_within_its_caps_and_preempts_without_changing_greedy_output(loaded):
@@ -190,6 +192,21 @@ def test_engine_batches_within_its_caps_and_preempts_without_changing_greedy_out
         assert outputs[r.id][-1].finish_reason == "length" and outputs[r.id][-1].completion_tokens == len(g.tokens)
     assert engine.peak_running == 3 and engine.preemptions > 0 and engine.packed_steps > 0
     assert engine.peak_cached_tokens <= 64 and engine.cache.used_blocks == 0
+
+
+def test_a_preempted_sequence_longer_than_the_step_budget_still_finishes(loaded):
+    tok = loaded.tokenizer
+    engine = Engine(loaded.model, loaded.vocab_size, tok.decode, None, max_num_seqs=2, max_num_batched_tokens=8,
+                    kv_cache_tokens=32, block_size=4)
+    prompts = [tok.encode("The user asks a"), tok.encode("A spider has eight")]
+    assert all(len(p) <= 8 for p in prompts)
+    requests = [Request(str(i), p, SamplingParams(max_new_tokens=14, temperature=0.0), None)
+                for i, p in enumerate(prompts)]
+    outputs = _run(engine, requests)
+    assert engine.preemptions > 0
+    for r, p in zip(requests, prompts):
+        g = generate(loaded.model, [p], r.params, vocab_size=loaded.vocab_size, decode=tok.decode)[0]
+        assert "".join(o.text for o in outputs[r.id]) == g.text
 
 
 def test_engine_queue_bound_and_abort_free_the_slots(loaded):

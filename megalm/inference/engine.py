@@ -244,7 +244,9 @@ class Engine:
                     self._finish(seq, Output(), "length")
                     continue
                 n = len(seq.tokens)
-                if tokens + n > self.max_num_batched_tokens:
+                # Alone in its step, a preempted sequence (prompt plus what it generated) may go past the
+                # budget; it fits the context, and would otherwise never run again.
+                if tokens + n > self.max_num_batched_tokens and (admitted or decoding):
                     break
                 try:
                     self.cache.reserve(seq.request.id, n)
