@@ -67,6 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--time-limit", type=float, default=60.0, help="Seconds per concurrency level at most.")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="megalm's batch cap.")
     parser.add_argument("--peer", default="transformers-serve", choices=["transformers-serve", "none"])
+    parser.add_argument("--keep", action="store_true", help="Keep the model and the servers' logs (path printed).")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="Torch threads of each server.")
     return parser.parse_args(argv)
 
@@ -262,25 +263,30 @@ def main(argv=None) -> int:
             for name in servers:
                 rows[name][c] = stats(runs[name])
                 report(name, c, rows[name][c])
-        summarize(args, rows["megalm"], rows.get("peer"))
+        summarize(rows["megalm"], rows.get("peer"))
     finally:
         for proc in procs:
             stop(proc)
-        shutil.rmtree(root, ignore_errors=True) if not os.environ.get("KEEP") else print(root)
+        if args.keep:
+            print(f"model, tokenizer and server logs kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
-def summarize(args, ours: dict, peer) -> None:
+def summarize(ours: dict, peer) -> None:
     if peer:
         pairs = [(t, p[prompt]) for c in ours if c in peer for p in [peer[c]["texts"]]
                  for prompt, t in ours[c]["texts"].items() if prompt in p]
         same = sum(a == b for a, b in pairs)
         print(f"\nsame greedy text from both servers: {same} of {len(pairs)} requests")
     print()
-    print("| clients | megalm req/s | megalm tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | x one client "
+    fewest = min(ours)
+    scale = "x one client" if fewest == 1 else f"x {fewest} clients"
+    print(f"| clients | megalm req/s | megalm tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | {scale} "
           + ("| peer tok/s | peer TTFT p50 / p99 ms | peer ITL p50 / p99 ms | megalm / peer |" if peer else "|"))
     print("|---" * (10 if peer else 6) + "|")
-    one = ours[min(ours)]["tokens_per_s"]
+    one = ours[fewest]["tokens_per_s"]
     for c, r in ours.items():
         line = (f"| {c} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['ttft_p50'] * 1e3:.0f} / "
                 f"{r['ttft_p99'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.1f} / {r['itl_p99'] * 1e3:.1f} | "
