@@ -21,9 +21,12 @@ from torch import nn
 
 from megalm.checkpoint import checkpoint_config, checkpoint_tokenizer, open_checkpoint
 from megalm.checkpoint.files import save_safetensors
+from megalm.checkpoint.merge import partition_specs
 from megalm.config import Config
 from megalm.inference import quantize
 from megalm.model import GPTModel
+from megalm.parallel.state import ParallelState
+from megalm.parallel.tensor import shard
 
 QUANTIZATION_FILE = "quantization.json"
 QUANTIZED_FORMAT_VERSION = 1
@@ -55,23 +58,40 @@ def true_vocab_size(config: Config, tokenizer, recorded: Optional[int] = None) -
             or config.data.vocab_size or config.model.padded_vocab_size)
 
 
-def load_model(path: str, device=None, dtype: Optional[str] = None) -> LoadedModel:
+def load_model(path: str, device=None, dtype: Optional[str] = None,
+               parallel: Optional[ParallelState] = None) -> LoadedModel:
     """The model in `path` (a megalm checkpoint root / iter directory, or a directory written by
-    `save_quantized`), in eval mode."""
+    `save_quantized`), in eval mode. With a tensor-parallel `parallel`, this rank's shard of it."""
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
+    tp = parallel.tensor_model_parallel_size if parallel is not None else 1
     if os.path.isfile(os.path.join(path, QUANTIZATION_FILE)):
+        if tp > 1:
+            raise ValueError(f"{path} is a quantized model, which runs on one process only: load it without "
+                             f"tensor parallelism")
         loaded = load_quantized(path)
     else:
         found = open_checkpoint(path)
         config = checkpoint_config(found)
-        model = GPTModel(config.model)
-        model.load_state_dict(found["model"])
+        if config.model.padded_vocab_size % tp or config.model.query_groups % tp:
+            raise ValueError(f"{path}: its {config.model.query_groups} key/value heads and padded vocabulary of "
+                             f"{config.model.padded_vocab_size} must both divide by the tensor-parallel size {tp}: "
+                             f"run on a size that divides both")
+        model = GPTModel(config.model, parallel)
+        model.load_state_dict(_shard(found["model"], config, parallel) if tp > 1 else found["model"])
         tokenizer = checkpoint_tokenizer(config)
         vocab = true_vocab_size(config, tokenizer, found["metadata"].get("hf", {}).get("vocab_size"))
         loaded = LoadedModel(model, config, tokenizer, vocab, found["path"])
     loaded.model.to(device=device, dtype=torch_dtype).eval()
     return loaded
+
+
+def _shard(weights: dict, config: Config, parallel: ParallelState) -> dict:
+    """This tensor-parallel rank's slice of every split parameter of the full model's weights."""
+    specs = partition_specs(config)
+    rank, size = parallel.tensor_model_parallel_rank, parallel.tensor_model_parallel_size
+    return {name: shard(t, specs[name][0], rank, size, specs[name][1]) if specs.get(name) else t
+            for name, t in weights.items()}
 
 
 def save_quantized(path: str, model: nn.Module, config: Config, settings: dict, vocab_size: int,
