@@ -132,19 +132,30 @@ class LocalOptimizer:
 
 
 class DistributedOptimizer:
-    """ZeRO-1: this data-parallel rank's shard of every bucket, updated by an inner AdamW / Lion."""
+    """ZeRO-1/2/3: this data-parallel rank's shard of every bucket, updated by an inner AdamW / Lion
+    (`offload`: on CPU copies of the shard, see `--optimizer-cpu-offload`)."""
 
-    def __init__(self, ddps: List[DistributedDataParallel], make_optimizer: OptimizerFactory, state: ParallelState):
+    def __init__(self, ddps: List[DistributedDataParallel], make_optimizer: OptimizerFactory, state: ParallelState,
+                 offload: bool = False):
         self.state, self.ddps = state, ddps
         self.names = param_names([d.module for d in ddps])
-        self.pieces = []  # (piece parameter, full parameter, start, end, bucket)
+        # (piece parameter, full parameter, start, end, bucket, the tensor the optimizer updates)
+        self.pieces = []
+        pin = offload and torch.cuda.is_available()
         for ddp in ddps:
             for bucket in ddp.buckets:
                 for p, start, end in bucket.shard_pieces():
                     piece = nn.Parameter(bucket.param_piece(p, start, end))
                     piece.grad = bucket.grad_piece(p, start, end)
-                    self.pieces.append((piece, p, start, end, bucket))
-        self.optimizer = make_optimizer([(piece, p) for piece, p, *_ in self.pieces])
+                    updated = piece
+                    if offload:  # fp32 master copy and its gradient in (pinned) host memory
+                        host = piece.detach().to("cpu", copy=True)
+                        updated = nn.Parameter(host.pin_memory() if pin else host)
+                        updated.grad = torch.empty_like(updated)
+                    self.pieces.append((piece, p, start, end, bucket, updated))
+        pairs = [(updated, p) for _, p, *_, updated in self.pieces]
+        self.offload = offload
+        self.optimizer = make_optimizer(pairs, device=torch.device("cpu")) if offload else make_optimizer(pairs)
         self.norm_group = dist.group.WORLD if state.distributed else None
 
     @property
@@ -156,8 +167,20 @@ class DistributedOptimizer:
         counted = [piece.grad for piece, p, *_ in self.pieces if counts_for_norm(p, self.state, sharded=True)]
         return grads, counted
 
+    def state_tensors(self) -> list:
+        """The optimizer's moments, and with offload the host copies of the weights and gradients."""
+        moments = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+        return moments + ([t for *_, u in self.pieces for t in (u, u.grad)] if self.offload else [])
+
+    @torch.no_grad()
     def step(self) -> None:
+        if self.offload:  # gradients to the host, the step there, the new weights back
+            torch._foreach_copy_([u.grad for *_, u in self.pieces], [piece.grad for piece, *_ in self.pieces],
+                                 non_blocking=True)
+            _synchronize(self.pieces[0][0].device if self.pieces else None)
         self.optimizer.step()
+        if self.offload:
+            torch._foreach_copy_([piece for piece, *_ in self.pieces], [u for *_, u in self.pieces], non_blocking=True)
         for ddp in self.ddps:
             ddp.gather_params()
 
@@ -171,11 +194,11 @@ class DistributedOptimizer:
         for ddp in self.ddps:
             for bucket in ddp.buckets:
                 for key in keys:
-                    full = torch.zeros_like(bucket.grad)
-                    for piece, p, start, end, b in self.pieces:
-                        if b is bucket and piece in inner:
+                    full = bucket.zeros()
+                    for _, p, start, end, b, updated in self.pieces:
+                        if b is bucket and updated in inner:
                             offset = bucket.ranges[p][0]
-                            full[offset + start: offset + end] = inner[piece][key]
+                            full[offset + start: offset + end] = inner[updated][key]
                     if bucket.num_shards > 1:  # every element has one owner
                         dist.all_reduce(full, group=bucket.reduce_group or ddp.group)
                     for p in bucket.params:
@@ -195,7 +218,7 @@ class DistributedOptimizer:
             saved = _legacy_to_named(saved, self.ddps)
         _check_groups(saved, len(self.optimizer.param_groups))
         order = [piece for g in self.optimizer.param_groups for piece in g["params"]]
-        where = {piece: (p, start, end) for piece, p, start, end, _ in self.pieces}
+        where = {updated: (p, start, end) for _, p, start, end, _, updated in self.pieces}
         state = {}
         for i, piece in enumerate(order):
             p, start, end = where[piece]
@@ -213,6 +236,12 @@ class DistributedOptimizer:
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _synchronize(device) -> None:
+    """Non-blocking copies between a GPU and pinned memory: wait before the host reads them."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _legacy_to_named(saved: dict, ddps: List[DistributedDataParallel]) -> dict:
     """A position-keyed state (written by a single-process run) to names: positions follow the
     model's parameters in `group_names` order."""
@@ -226,8 +255,9 @@ def _legacy_to_named(saved: dict, ddps: List[DistributedDataParallel]) -> dict:
 
 
 def build_parallel_optimizer(chunks: List[nn.Module], ddps: List[DistributedDataParallel],
-                             make_optimizer: OptimizerFactory, state: ParallelState, distributed: bool):
-    """The ZeRO-1 optimizer over the data-parallel buckets, or an ordinary one over `chunks`."""
+                             make_optimizer: OptimizerFactory, state: ParallelState, distributed: bool,
+                             offload: bool = False):
+    """The distributed (ZeRO) optimizer over the data-parallel buckets, or an ordinary one over `chunks`."""
     if distributed:
-        return DistributedOptimizer(ddps, make_optimizer, state)
+        return DistributedOptimizer(ddps, make_optimizer, state, offload)
     return LocalOptimizer(chunks, make_optimizer, state)
