@@ -194,8 +194,9 @@ class DistributedDataParallel(nn.Module):
         # ZeRO-3: one bucket per unit (a transformer layer; the rest of the model: embeddings,
         # final norm, output layer), gathered before the unit runs and released after.
         self.units = []
+        placed = {p for b in self.buckets for p in b.params}  # summed over another group first: not in a unit
         for i, unit in enumerate(units):
-            unit_params = [p for p in params if unit_of.get(p) == i]
+            unit_params = [p for p in params if unit_of.get(p) == i and p not in placed]
             if unit_params:
                 make(unit_params)
                 self.units.append((unit, self.buckets[-1]))
@@ -267,8 +268,8 @@ class DistributedDataParallel(nn.Module):
         """ZeRO-2/3: the bucket's gradients (this micro-batch's, or those accumulated since its last
         reduction) go into a temporary flat buffer, autograd's tensors are dropped, and the buffer is
         reduce-scattered and added to this rank's shard. At most two buckets are in flight, so the
-        full-size gradients never exist at once. ZeRO-3 releases the bucket's parameters: its
-        backward pass is done."""
+        full-size gradients never exist at once. ZeRO-3 releases a layer's parameters: its backward
+        pass is done (those outside the layers stay gathered until the step's last micro-batch)."""
         bucket.ready.clear()
         flat = bucket.zeros()
         for p in bucket.params:
@@ -276,7 +277,7 @@ class DistributedDataParallel(nn.Module):
                 start, end = bucket.ranges[p]
                 flat[start:end].copy_(p.grad.view(-1))
                 p.grad = None
-        if bucket.stage == 3:
+        if bucket.stage == 3 and bucket is not self.units[0][1]:  # the rest of the model: at the step's end
             bucket.release()
         flat.div_(self.world_size)
         if bucket.num_shards == 1:
@@ -361,9 +362,10 @@ class DistributedDataParallel(nn.Module):
 
     def _after_forward(self, index: int, module, args, output) -> None:
         """A transformer layer releases its parameters after its forward and gathers them again when
-        the gradient of its output arrives; the rest of the model (unit 0, which holds the output
-        layer, first in the backward pass) keeps them until its gradients are reduced. A forward run
-        again inside the backward pass (activation recompute) keeps them for that backward."""
+        the gradient of its output arrives; the rest of the model (unit 0: embeddings, output layer,
+        first and last in the backward pass) keeps them until `finish_grad_sync`, gathered once per
+        step. A forward run again inside the backward pass (activation recompute) keeps them for
+        that backward. Without gradients (evaluation) every unit is released after its forward."""
         if torch._C._current_graph_task_id() != -1:
             return
         training = torch.is_grad_enabled() and torch.is_tensor(output) and output.requires_grad

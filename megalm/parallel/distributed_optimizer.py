@@ -124,6 +124,10 @@ class LocalOptimizer:
     def step(self) -> None:
         self.optimizer.step()
 
+    def state_tensors(self) -> list:
+        """The optimizer's moments (for measuring memory)."""
+        return _moments(self.optimizer)
+
     def state_dict(self) -> dict:
         return state_dict_by_name(self.optimizer, self.names)
 
@@ -169,8 +173,7 @@ class DistributedOptimizer:
 
     def state_tensors(self) -> list:
         """The optimizer's moments, and with offload the host copies of the weights and gradients."""
-        moments = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-        return moments + ([t for *_, u in self.pieces for t in (u, u.grad)] if self.offload else [])
+        return _moments(self.optimizer) + ([t for *_, u in self.pieces for t in (u, u.grad)] if self.offload else [])
 
     @torch.no_grad()
     def step(self) -> None:
@@ -234,6 +237,10 @@ class DistributedOptimizer:
             groups.append(dict(_hyperparameters(s), params=list(range(start, start + len(g["params"])))))
             start += len(g["params"])
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _moments(optimizer: torch.optim.Optimizer) -> list:
+    return [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
 
 
 def _synchronize(device) -> None:
