@@ -20,6 +20,14 @@ that the updated shards are all-gathered with one collective per bucket. The exp
 expert-parallel model is padded, reduce-scattered and gathered over the expert-data-parallel group
 instead (each expert has DP / EP copies).
 
+With `--data-parallel-sharding-strategy optim_grads` (ZeRO-2) no bucket keeps a full gradient buffer:
+when a bucket's gradients are ready (after every micro-batch) they are copied into a temporary flat
+buffer, autograd's tensors are dropped, and the buffer is reduce-scattered into the rank's
+persistent shard. With `optim_grads_params` (ZeRO-3) every transformer layer is a bucket, and so is
+the rest of the model; a rank keeps only its shard of their parameters, and forward / backward hooks
+gather a layer just before it runs (prefetching the next) and free it after. docs/PARALLELISM.md
+describes both.
+
 Two kinds of parameters need a sum over another group before the data-parallel reduction, and sit
 in buckets of their own that are reduced in `finish_grad_sync()`: with sequence parallelism the
 replicated norm weights and biases (each tensor-parallel rank saw only its part of the sequence:
@@ -408,6 +416,7 @@ class DistributedDataParallel(nn.Module):
         weights = params + [b.param_shard for b in self.buckets if b.param_shard is not None]
         grads = [p.grad for p in params if p.grad is not None]
         grads += [t for b in self.buckets for t in (b.grad, b.grad_shard) if t is not None]
+        grads += [t for _, _, shard, flat in self._in_flight for t in (shard, flat)]  # ZeRO-2/3, mid-step
         return weights, grads
 
     def state_dict(self, *args, **kwargs):

@@ -5,7 +5,7 @@ shard of the model) with an ordinary AdamW or Lion, after the data-parallel all-
 gradients. Both optimizers hold only parameters with `requires_grad` (the distributed one through
 the gradient buckets, which hold nothing else): a LoRA model's frozen base has no optimizer state.
 
-`DistributedOptimizer` (`--use-distributed-optimizer`, ZeRO stage 1; Rajbhandari et al. 2020):
+`DistributedOptimizer` (`--use-distributed-optimizer`, ZeRO stage 1, and stages 2 and 3; Rajbhandari et al. 2020):
 the optimizer state is split across the data-parallel ranks. The gradient buckets of
 `DistributedDataParallel` are reduce-scattered, so rank r holds the averaged gradient of the r-th
 contiguous 1/DP of every bucket; it updates the matching slice of the parameters (the pieces of
@@ -14,8 +14,10 @@ AdamW, whose moments therefore exist for 1/DP of the model only; then the bucket
 all-gathered (an expert-parallel model's experts over the expert-data-parallel group instead, see
 `megalm.parallel.data_parallel`). Parameters stay fp32 (mixed precision is autocast), so the
 optimizer's memory per rank is 4 (weights) + 4 (gradients) + 8 / DP (moments) bytes per parameter
-instead of 16. The gradient buffer stays full-size: the backward pass accumulates into it (ZeRO-2
-would free the non-owned part; it is not implemented).
+instead of 16. ZeRO-2 and ZeRO-3 (`--data-parallel-sharding-strategy`) change only the buckets: their
+gradients (and ZeRO-3's parameters) exist per rank as the shard this optimizer updates, and ZeRO-3's
+buckets are gathered by the forward hooks rather than after the step. `--optimizer-cpu-offload`
+updates host copies of the shard instead, and copies the result back.
 
 Both save and load their state keyed by parameter name, with each parameter's state whole (the
 distributed optimizer gathers its shards over the data-parallel group first), so a checkpoint does
