@@ -180,12 +180,13 @@ class DistributedOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         if self.offload:  # gradients to the host, the step there, the new weights back
-            torch._foreach_copy_([u.grad for *_, u in self.pieces], [piece.grad for piece, *_ in self.pieces],
-                                 non_blocking=True)
+            for piece, *_, updated in self.pieces:
+                updated.grad.copy_(piece.grad, non_blocking=True)
             _synchronize(self.pieces[0][0].device if self.pieces else None)
         self.optimizer.step()
-        if self.offload:
-            torch._foreach_copy_([piece for piece, *_ in self.pieces], [u for *_, u in self.pieces], non_blocking=True)
+        if self.offload:  # (the next step's synchronize orders these before the host copies change)
+            for piece, *_, updated in self.pieces:
+                piece.copy_(updated, non_blocking=True)
         for ddp in self.ddps:
             ddp.gather_params()
 
