@@ -201,6 +201,38 @@ def test_one_process_zero3_gathers_for_eval_and_releases_after():
         ddp.close()
 
 
+def test_one_process_zero3_holds_at_most_three_layers_during_a_step():
+    """Forward: the running layer and the prefetched next one; backward: the layer whose output
+    gradient arrived, the one before (prefetched), and the one after until its reduction."""
+    import torch
+
+    import pretrain_gpt
+    from megalm.parallel.data_parallel import DistributedDataParallel
+    from megalm.parallel.state import ParallelState
+    config = tiny_config(*ZERO3, "--train-iters", "1", "--num-layers", "6")
+    model = pretrain_gpt.model_provider(config, ParallelState(), 0)
+    ddp = DistributedDataParallel(model, ParallelState(), sharding="optim_grads_params")
+    layers = [bucket for _, bucket in ddp.units[1:]]
+    seen = {"forward": [], "backward": []}
+
+    def count(phase):
+        seen[phase].append(sum(b.gathered for b in layers))
+
+    try:
+        for layer in model.layers:
+            layer.register_forward_pre_hook(lambda *_: count("forward"))
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(lambda _: count("backward"))
+        tokens = torch.randint(0, 256, (2, 32))
+        for _ in range(2):  # two micro-batches: the layers are gathered again for the second
+            ddp(tokens, tokens).backward()
+        ddp.finish_grad_sync()
+        assert len(layers) == 6 and max(seen["forward"]) == 2 and max(seen["backward"]) <= 3
+        assert not any(b.gathered for _, b in ddp.units)
+    finally:
+        ddp.close()
+
+
 def _worker() -> None:
     sys.path.insert(0, ROOT)
     import torch.distributed as dist

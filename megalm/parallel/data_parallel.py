@@ -366,7 +366,8 @@ class DistributedDataParallel(nn.Module):
 
     def _before_forward(self, index: int, module, args) -> None:
         self._gather(self.units[index][1])
-        self._prefetch(index + 1)
+        if torch._C._current_graph_task_id() == -1:  # not a recompute: the next layer runs next
+            self._prefetch(index + 1)
 
     def _after_forward(self, index: int, module, args, output) -> None:
         """A transformer layer releases its parameters after its forward and gathers them again when
@@ -376,11 +377,12 @@ class DistributedDataParallel(nn.Module):
         that backward. Without gradients (evaluation) every unit is released after its forward."""
         if torch._C._current_graph_task_id() != -1:
             return
-        training = torch.is_grad_enabled() and torch.is_tensor(output) and output.requires_grad
-        if training and index > 0:
-            output.register_hook(functools.partial(self._before_backward, index))
-        if index > 0 or not training:
+        if not torch.is_grad_enabled():
             self.units[index][1].release()
+        elif index > 0 and torch.is_tensor(output) and output.requires_grad:
+            output.register_hook(functools.partial(self._before_backward, index))
+            self.units[index][1].release()
+        # otherwise (an output the backward cannot announce) it stays gathered until it is reduced
 
     def _before_backward(self, index: int, grad: torch.Tensor) -> None:
         self._gather(self.units[index][1])
