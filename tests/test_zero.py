@@ -139,7 +139,12 @@ def test_zero2_zero3_offload_at_dp2_match_one_process_resume_and_reshard(referen
     assert zero2["weights"] == full["weights"]
     assert zero3["weights"] == pytest.approx(full["weights"] / 2, rel=0.01)
     assert zero3["optimizer"] == pytest.approx(full["optimizer"] / 2, rel=0.01)
-    assert curves["optim_grads_params_offload"]["memory"]["optimizer"] > zero3["optimizer"]  # + host copies
+    # Offload: nothing on the device (the planner's GPU column is 0), 16 bytes per shard parameter
+    # on the host (moments, master weights, gradients).
+    offload = planned(TWO_RANKS["optim_grads_params_offload"], 2)
+    assert offload["optimizer"] == 0
+    assert curves["optim_grads_params_offload"]["memory"]["optimizer"] == pytest.approx(offload["host_optimizer"],
+                                                                                         rel=0.10)
     for name in ("no_shard", "optim_grads", "optim_grads_params"):
         plan = planned(TWO_RANKS[name], 2)
         for key in ("weights", "gradients", "optimizer"):
