@@ -179,6 +179,23 @@ def test_contradictory_sharding_flags_are_refused_at_start_up(flags, message):
         tiny_config("--train-iters", "1", *flags)
 
 
+def test_planner_search_shards_more_as_memory_gets_tight(capsys):
+    """A 1B model on 8 GPUs: with room to spare plain data parallelism is fastest; in 10 GiB only
+    ZeRO-3 keeps DP 8 (the next fastest layout that fits needs TP 2)."""
+    from tools.parallel_plan import main
+    model = ["--num-layers", "16", "--hidden-size", "2048", "--num-attention-heads", "32", "--num-query-groups", "8",
+             "--swiglu", "--seq-length", "4096", "--bf16", "--micro-batch-size", "1", "--global-batch-size", "256",
+             "--vocab-size", "128256", "--world-size", "8", "--search"]
+    recommended = "recommended: --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 "
+    assert main(model + ["--gpu-memory-gb", "80"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == recommended + "--data-parallel-sharding-strategy no_shard"
+    assert main(model + ["--gpu-memory-gb", "10"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == recommended + "--data-parallel-sharding-strategy optim_grads_params"
+    assert main(model + ["--gpu-memory-gb", "10", "--optimizer-cpu-offload"]) == 0
+    assert "--optimizer-cpu-offload: the optimizer state" in capsys.readouterr().out
+
+
 def test_one_process_zero3_gathers_for_eval_and_releases_after():
     """The forward hooks gather a layer for its forward and free it after; between steps only the
     shards hold memory."""
