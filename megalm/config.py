@@ -714,7 +714,6 @@ class Config:
         if strategy != "optim_grads_params":
             return
         for flag, on in (("--pipeline-model-parallel-size > 1", p.pipeline_model_parallel_size > 1),
-                         ("--expert-model-parallel-size > 1", p.expert_model_parallel_size > 1),
                          ("--compile", self.train.compile)):
             if on:
                 raise ConfigError(f"--data-parallel-sharding-strategy optim_grads_params (ZeRO-3) does not support "

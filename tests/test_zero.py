@@ -43,11 +43,13 @@ FOUR_RANKS = {
         "--tensor-model-parallel-size", "2", "--sequence-parallel", "--recompute-granularity", "full"],
     # ZeRO-2 inside the pipeline schedule: reduce-scatters after every micro-batch of each stage
     "pp2_dp2_optim_grads": GPT2 + ZERO2 + SMALL_BUCKETS + ["--pipeline-model-parallel-size", "2"],
-    # ZeRO-2 at DP 4: the experts' gradients reduce-scattered over their expert-data-parallel groups
-    # of 2, the rest over all 4 ranks; ZeRO-1 at the same layout is the reference
+    # ZeRO-2 / ZeRO-3 at DP 4: the experts' gradients (and ZeRO-3's expert weights) sharded over
+    # their expert-data-parallel groups of 2, the rest over all 4 ranks; ZeRO-1 at the same layout
+    # is the reference
     # (tests/test_moe_model_parallel.py ties it to one process)
     "dp4_ep2_optim": MOE + ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"] + SMALL_BUCKETS,
     "dp4_ep2_optim_grads": MOE + ["--expert-model-parallel-size", "2"] + ZERO2 + SMALL_BUCKETS,
+    "dp4_ep2_optim_grads_params": MOE + ["--expert-model-parallel-size", "2"] + ZERO3,
 }
 
 
@@ -159,8 +161,9 @@ def test_zero2_zero3_at_dp4_with_tp2_sp_pp2_and_ep2_match_one_process(references
     assert_same_curves(references["gpt2"], curves["pp2_dp2_optim_grads"], "pp2_dp2_optim_grads")
     name = "tp2_sp_dp2_optim_grads_params_recompute"
     assert_same_curves(references["llama"], curves[name], name)
-    for key in ("loss", "grad_norm"):
-        assert curves["dp4_ep2_optim_grads"][key] == pytest.approx(curves["dp4_ep2_optim"][key], rel=1e-5), key
+    for name in ("dp4_ep2_optim_grads", "dp4_ep2_optim_grads_params"):
+        for key in ("loss", "grad_norm"):
+            assert curves[name][key] == pytest.approx(curves["dp4_ep2_optim"][key], rel=1e-5), f"{name}: {key}"
     assert curves["dp4_optim_grads_params"]["memory"]["weights"] == pytest.approx(
         planned(FOUR_RANKS["dp4_optim_grads_params"], 4)["weights"], rel=0.10)
 
@@ -234,7 +237,7 @@ def test_one_process_zero3_holds_at_most_three_layers_during_a_step():
     config = tiny_config(*ZERO3, "--train-iters", "1", "--num-layers", "6")
     model = pretrain_gpt.model_provider(config, ParallelState(), 0)
     ddp = DistributedDataParallel(model, ParallelState(), sharding="optim_grads_params")
-    layers = [bucket for _, bucket in ddp.units[1:]]
+    layers = [bucket for _, buckets in ddp.units[1:] for bucket in buckets]
     seen = {"forward": [], "backward": []}
 
     def count(phase):
@@ -250,7 +253,7 @@ def test_one_process_zero3_holds_at_most_three_layers_during_a_step():
             ddp(tokens, tokens).backward()
         ddp.finish_grad_sync()
         assert len(layers) == 6 and max(seen["forward"]) == 2 and max(seen["backward"]) <= 3
-        assert not any(b.gathered for _, b in ddp.units)
+        assert not any(b.gathered for _, buckets in ddp.units for b in buckets)
     finally:
         ddp.close()
 

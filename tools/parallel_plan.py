@@ -425,11 +425,11 @@ def layout_flags(plan: dict, moe: bool) -> str:
 
 def sharding_strategies(c: Config, world_size: int, search: bool) -> list:
     """The strategies to plan: when searching every one the layout allows (ZeRO-3 not with pipeline
-    or expert parallelism; only the first without data parallelism), else the one given."""
+    parallelism; only the first without data parallelism), else the one given."""
     p = c.parallel
     if not search:
         return [p.sharding_strategy]
-    zero3 = p.pipeline_model_parallel_size == 1 and p.expert_model_parallel_size == 1 and not c.train.compile
+    zero3 = p.pipeline_model_parallel_size == 1 and not c.train.compile
     found = [s for s in SHARDING_STRATEGIES if (s != "no_shard" or not p.optimizer_cpu_offload)
              and (s != "optim_grads_params" or zero3)]
     dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)

@@ -177,7 +177,7 @@ class DistributedDataParallel(nn.Module):
         current: List[nn.Parameter] = []
         size = 0
         for p in reversed(params):
-            if self.expert_group is not None and getattr(p, "expert_parallel", False):
+            if self.expert_group is not None and getattr(p, "expert_parallel", False) and p not in unit_of:
                 expert_params.append(p)
                 continue
             group = _pre_reduce_group(p, state)
@@ -199,15 +199,20 @@ class DistributedDataParallel(nn.Module):
             make(bucket_params, group, stage=min(self.stage, 1))
         if expert_params:
             make(expert_params, reduce_group=self.expert_group)
-        # ZeRO-3: one bucket per unit (a transformer layer; the rest of the model: embeddings,
-        # final norm, output layer), gathered before the unit runs and released after.
-        self.units = []
+        # ZeRO-3: the buckets of each unit (a transformer layer; the rest of the model: embeddings,
+        # final norm, output layer), gathered before the unit runs and released after; a layer's
+        # experts (expert parallelism) are a bucket of their own, over the expert-data-parallel group.
+        self.units = []  # (module, its buckets)
         placed = {p for b in self.buckets for p in b.params}  # summed over another group first: not in a unit
         for i, unit in enumerate(units):
             unit_params = [p for p in params if unit_of.get(p) == i and p not in placed]
-            if unit_params:
-                make(unit_params)
-                self.units.append((unit, self.buckets[-1]))
+            expert = [self.expert_group is not None and getattr(p, "expert_parallel", False) for p in unit_params]
+            first = len(self.buckets)
+            for is_expert, group in ((False, None), (True, self.expert_group)):
+                bucket_params = [p for p, e in zip(unit_params, expert) if e == is_expert]
+                if bucket_params:
+                    make(bucket_params, reduce_group=group)
+            self.units.append((unit, self.buckets[first:]))
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._in_flight = collections.deque()  # (bucket, handle, reduced shard, flat gradients)
         self._hooks = []
@@ -217,7 +222,7 @@ class DistributedDataParallel(nn.Module):
             else:
                 p.grad = None
             self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
-        for i, (unit, bucket) in enumerate(self.units):
+        for i, (unit, _) in enumerate(self.units):
             self._hooks.append(unit.register_forward_pre_hook(functools.partial(self._before_forward, i)))
             self._hooks.append(unit.register_forward_hook(functools.partial(self._after_forward, i)))
 
@@ -285,7 +290,7 @@ class DistributedDataParallel(nn.Module):
                 start, end = bucket.ranges[p]
                 flat[start:end].copy_(p.grad.view(-1))
                 p.grad = None
-        if bucket.stage == 3 and bucket is not self.units[0][1]:  # the rest of the model: at the step's end
+        if bucket.stage == 3 and bucket not in self.units[0][1]:  # the rest of the model: at the step's end
             bucket.release()
         flat.div_(self.world_size)
         if bucket.num_shards == 1:
@@ -360,12 +365,20 @@ class DistributedDataParallel(nn.Module):
             bucket.gather_handle.wait()
             bucket.gather_handle = None
 
-    def _prefetch(self, index: int) -> None:
+    def _gather_unit(self, index: int, wait: bool = True) -> None:
         if 0 <= index < len(self.units):
-            self._gather(self.units[index][1], wait=False)
+            for bucket in self.units[index][1]:
+                self._gather(bucket, wait)
+
+    def _release_unit(self, index: int) -> None:
+        for bucket in self.units[index][1]:
+            bucket.release()
+
+    def _prefetch(self, index: int) -> None:
+        self._gather_unit(index, wait=False)
 
     def _before_forward(self, index: int, module, args) -> None:
-        self._gather(self.units[index][1])
+        self._gather_unit(index)
         if torch._C._current_graph_task_id() == -1:  # not a recompute: the next layer runs next
             self._prefetch(index + 1)
 
@@ -378,26 +391,27 @@ class DistributedDataParallel(nn.Module):
         if torch._C._current_graph_task_id() != -1:
             return
         if not torch.is_grad_enabled():
-            self.units[index][1].release()
+            self._release_unit(index)
         elif index > 0 and torch.is_tensor(output) and output.requires_grad:
             output.register_hook(functools.partial(self._before_backward, index))
-            self.units[index][1].release()
+            self._release_unit(index)
         # otherwise (an output the backward cannot announce) it stays gathered until it is reduced
 
     def _before_backward(self, index: int, grad: torch.Tensor) -> None:
-        self._gather(self.units[index][1])
+        self._gather_unit(index)
         self._prefetch(index - 1 if index > 1 else -1)
 
     @contextlib.contextmanager
     def full_params(self) -> Iterator[None]:
         """ZeRO-3: every parameter gathered (to save or broadcast them); on exit each rank takes its
         shard of them back and releases the rest. Collective: every data-parallel rank enters it."""
-        for _, bucket in self.units:
+        zero3 = [bucket for _, buckets in self.units for bucket in buckets]
+        for bucket in zero3:
             self._gather(bucket)
         try:
             yield
         finally:
-            for _, bucket in self.units:
+            for bucket in zero3:
                 bucket.param_shard.copy_(bucket.param[bucket.shard_start: bucket.shard_start + bucket.shard_size])
                 bucket.release()
 
