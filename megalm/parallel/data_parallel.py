@@ -23,10 +23,10 @@ instead (each expert has DP / EP copies).
 With `--data-parallel-sharding-strategy optim_grads` (ZeRO-2) no bucket keeps a full gradient buffer:
 when a bucket's gradients are ready (after every micro-batch) they are copied into a temporary flat
 buffer, autograd's tensors are dropped, and the buffer is reduce-scattered into the rank's
-persistent shard. With `optim_grads_params` (ZeRO-3) every transformer layer is a bucket, and so is
-the rest of the model; a rank keeps only its shard of their parameters, and forward / backward hooks
-gather a layer just before it runs (prefetching the next) and free it after. docs/PARALLELISM.md
-describes both.
+persistent shard. With `optim_grads_params` (ZeRO-3) every transformer layer is a bucket (its
+experts a second one, over the expert-data-parallel group), and so is the rest of the model; a rank
+keeps only its shard of their parameters, and forward / backward hooks gather a layer just before
+it runs (prefetching the next) and free it after. docs/PARALLELISM.md describes both.
 
 Two kinds of parameters need a sum over another group before the data-parallel reduction, and sit
 in buckets of their own that are reduced in `finish_grad_sync()`: with sequence parallelism the
