@@ -39,6 +39,9 @@ class ConfigError(ValueError):
     """A flag, or a combination of flags, that cannot work. The message names the flag."""
 
 
+# --data-parallel-sharding-strategy, Megatron-LM's names; the ZeRO stage of each (0: plain data parallelism).
+SHARDING_STRATEGIES = {"no_shard": 0, "optim": 1, "optim_grads": 2, "optim_grads_params": 3}
+
 # The --tokenizer-type names, Megatron-LM's and our own MegaBPE; megalm.data.tokenizer builds each.
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "MegaBPE",
                    "NullTokenizer")
@@ -303,6 +306,15 @@ class ParallelConfig:
     use_distributed_optimizer: bool = opt(
         False, "Shard the optimizer state across data-parallel ranks (ZeRO-1): gradients are "
                "reduce-scattered, each rank updates its shard, parameters are all-gathered.")
+    data_parallel_sharding_strategy: Optional[str] = opt(
+        None, "What data-parallel ranks shard (ZeRO stages): no_shard (plain all-reduce), optim (optimizer "
+              "state, ZeRO-1, as --use-distributed-optimizer), optim_grads (and gradients, reduce-scattered "
+              "bucket by bucket, ZeRO-2), optim_grads_params (and parameters, all-gathered one transformer "
+              "layer at a time, ZeRO-3) (default: optim with --use-distributed-optimizer, else no_shard).",
+        choices=list(SHARDING_STRATEGIES))
+    optimizer_cpu_offload: bool = opt(
+        False, "Keep the fp32 master weights and optimizer state of this rank's shard in (pinned) CPU memory "
+               "and run the optimizer step there (needs a sharding strategy: --use-distributed-optimizer).")
     recompute_granularity: Optional[str] = opt(
         None, "Activation recompute: full (whole layers, keep only their inputs) or selective (the "
               "attention core only).", choices=["full", "selective"], group="activation recompute")
@@ -316,6 +328,11 @@ class ParallelConfig:
     expert_model_parallel_size: int = opt(
         1, "Expert-parallel size: ranks that split each MoE layer's experts, exchanging tokens by "
            "all-to-all; carved out of the data-parallel ranks.")
+
+    @property
+    def sharding_strategy(self) -> str:
+        """--data-parallel-sharding-strategy, with --use-distributed-optimizer's optim as default."""
+        return self.data_parallel_sharding_strategy or ("optim" if self.use_distributed_optimizer else "no_shard")
 
 
 @dataclass
@@ -736,6 +753,24 @@ class Config:
                               f"must be divisible by --tensor-model-parallel-size ({tp})")
         if p.recompute_num_layers <= 0:
             raise ConfigError(f"--recompute-num-layers must be positive, got {p.recompute_num_layers}")
+        self._validate_sharding()
+
+    def _validate_sharding(self) -> None:
+        """--data-parallel-sharding-strategy against the flags it cannot work with."""
+        p, strategy = self.parallel, self.parallel.sharding_strategy
+        if p.use_distributed_optimizer and strategy == "no_shard":
+            raise ConfigError("--use-distributed-optimizer shards the optimizer state, --data-parallel-sharding-"
+                              "strategy no_shard shards nothing: drop one of the two")
+        if p.optimizer_cpu_offload and strategy == "no_shard":
+            raise ConfigError("--optimizer-cpu-offload moves the distributed optimizer's shard to the CPU: add "
+                              "--use-distributed-optimizer (or a --data-parallel-sharding-strategy other than no_shard)")
+        if strategy != "optim_grads_params":
+            return
+        for flag, on in (("--pipeline-model-parallel-size > 1", p.pipeline_model_parallel_size > 1),
+                         ("--compile", self.train.compile)):
+            if on:
+                raise ConfigError(f"--data-parallel-sharding-strategy optim_grads_params (ZeRO-3) does not support "
+                                  f"{flag}: use optim_grads (ZeRO-2) with it, or drop it")
 
     def _validate_moe(self) -> None:
         """Mixture-of-experts flags (the expert-parallel size against the world: at start-up)."""

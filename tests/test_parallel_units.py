@@ -230,7 +230,8 @@ def test_planner_search_recommends_the_fastest_layout_that_fits(capsys):
     assert [r[3] for r in fitting] == sorted((r[3] for r in fitting), reverse=True)
     assert max(r[3] for r in rows) > fitting[0][3]
     tp, pp = fitting[0][:2]
-    assert out.splitlines()[-1] == f"recommended: --tensor-model-parallel-size {tp} --pipeline-model-parallel-size {pp}"
+    assert out.splitlines()[-1].startswith(f"recommended: --tensor-model-parallel-size {tp} "
+                                           f"--pipeline-model-parallel-size {pp} --data-parallel-sharding-strategy ")
 
 
 def test_planner_needs_the_vocabulary(capsys, tmp_path):

@@ -13,7 +13,9 @@ Takes the training flags of pretrain_gpt.py (the same parser) plus the cluster's
 formulas, documented in docs/PARALLELISM.md, follow megalm's own memory layout:
 
 - weights 4 bytes per parameter (fp32; bf16 / fp16 run under autocast), gradients 4, AdamW moments
-  8 (Lion 4), the moments divided by DP with --use-distributed-optimizer;
+  8 (Lion 4), sharded over DP as --data-parallel-sharding-strategy says (`model_state_bytes`:
+  ZeRO-1 the moments, ZeRO-2 also the gradients, ZeRO-3 also the weights), the moments in host
+  memory with --optimizer-cpu-offload;
 - activations per layer and micro-batch from Korthikanti et al. 2022 ("Reducing Activation
   Recomputation in Large Transformer Models"), generalised to grouped-query attention, SwiGLU,
   fp32 activations and flash attention (no s^2 terms), split by TP inside the tensor-parallel
@@ -40,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megalm.arguments import parse_args  # noqa: E402
-from megalm.config import Config, ConfigError, pad_vocab_size  # noqa: E402
+from megalm.config import SHARDING_STRATEGIES, Config, ConfigError, pad_vocab_size  # noqa: E402
 from megalm.data.errors import DataError  # noqa: E402
 from megalm.data.tokenizer import vocabulary_size  # noqa: E402
 
@@ -162,7 +164,7 @@ def activation_bytes_per_layer(c: Config, micro_batch_size: int, act_bytes: int,
 
 def estimate(c: Config, cluster: Cluster, vocab: int) -> dict:
     """Memory per GPU (worst stage: the first), bubble and communication per step."""
-    m, p, t, o = c.model, c.parallel, c.train, c.optim
+    m, p, t = c.model, c.parallel, c.train
     tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
     if cluster.world_size % (tp * pp):
         raise ConfigError(f"--world-size {cluster.world_size} is not divisible by TP x PP = {tp * pp}")
@@ -178,10 +180,8 @@ def estimate(c: Config, cluster: Cluster, vocab: int) -> dict:
     for first, last in ((True, pp == 1), (pp == 1, True)):
         split = stage_parameter_split(c, padded, first, last)
         params = split["dense"] + split["expert"]
-        weights, grads = 4 * params, 4 * params
-        # ZeRO-1 shards the experts over their expert-data-parallel group (DP / EP ranks).
-        shards = (dp, dp // ep) if p.use_distributed_optimizer else (1, 1)
-        optimizer = (4 if o.optimizer == "lion" else 8) * (split["dense"] / shards[0] + split["expert"] / shards[1])
+        state = model_state_bytes(c, split, dp, first)
+        weights, grads, optimizer = state["weights"], state["gradients"], state["optimizer"]
         activations = sum(activation_bytes_per_layer(c, t.micro_batch_size, act_bytes, moe=m.is_moe_layer(i))
                           for i in stage_layers(c, first))
         in_flight = min(pp, num_micro) if pp > 1 else 1
@@ -194,18 +194,61 @@ def estimate(c: Config, cluster: Cluster, vocab: int) -> dict:
             activations += s * b * m.hidden_size * act_bytes
             fused = m.cross_entropy_fusion == "fused"
             activations += 4 * (s * b * m.hidden_size + padded * m.hidden_size / tp) if fused else 4 * s * b * padded / tp
-        total = weights + grads + optimizer + activations + working
+        total = weights + grads + optimizer + activations + working + state["zero_working"]
         if total >= worst.get("total", -1):
             worst = dict(params=params, weights=weights, gradients=grads, optimizer=optimizer,
-                         activations=activations, recompute_working=working, total=total,
-                         stage="first" if first else "last")
+                         activations=activations, recompute_working=working, zero_working=state["zero_working"],
+                         host_optimizer=state["host_optimizer"], total=total, stage="first" if first else "last")
     compute = model_flops_per_token(c, padded) * gbs * m.seq_length / (cluster.world_size * cluster.gpu_tflops * 1e12)
     if p.recompute_granularity == "full":
         compute *= 4 / 3  # the forward runs twice: 4 matmul passes instead of 3
-    plan = dict(worst, tp=tp, pp=pp, dp=dp, vp=vp, ep=ep, num_microbatches=num_micro,
+    plan = dict(worst, tp=tp, pp=pp, dp=dp, vp=vp, ep=ep, num_microbatches=num_micro, zero=zero_stage(c),
                 bubble=(pp - 1) / (vp * num_micro), compute_seconds=compute, tokens_per_step=gbs * m.seq_length,
                 **communication(c, cluster, dp, num_micro, padded, act_bytes))
     return dict(plan, **step_time(plan))
+
+
+def zero_stage(c: Config) -> int:
+    """The ZeRO stage of --data-parallel-sharding-strategy (0: no_shard ... 3: optim_grads_params)."""
+    return SHARDING_STRATEGIES[c.parallel.sharding_strategy]
+
+
+def zero3_units(c: Config, split: dict, first: bool) -> tuple:
+    """(parameters outside the transformer layers, of the largest layer) on one GPU of a stage:
+    ZeRO-3's units, gathered one at a time."""
+    tp, ep = c.parallel.tensor_model_parallel_size, c.parallel.expert_model_parallel_size
+    per_layer = [layer_parameters(c, c.model.is_moe_layer(i)) for i in stage_layers(c, first)]
+    sizes = [n["sharded"] / tp + n["replicated"] + n["expert"] / (tp * ep) for n in per_layer]
+    return split["dense"] + split["expert"] - sum(sizes), max(sizes, default=0.0)
+
+
+def model_state_bytes(c: Config, split: dict, dp: int, first: bool) -> dict:
+    """Weights, gradients and optimizer state of one GPU under the sharding strategy, as megalm lays
+    them out (megalm.parallel.data_parallel): fp32 weights (4 bytes per parameter) and gradients (4),
+    AdamW moments 8 (Lion 4). ZeRO-1 shards the moments over DP (the experts over DP / EP) and keeps
+    the full gradient buffer plus the reduce-scattered shard of it; ZeRO-2 keeps only the shard;
+    ZeRO-3 also only its shard of the weights. --optimizer-cpu-offload moves the moments, a master
+    copy of the weight shard and of the gradient shard to host memory ("host_optimizer").
+    "zero_working": what exists only during the step: ZeRO-2 the full gradients of three buckets
+    (one being produced, two being reduced); ZeRO-3 the weights of the units outside the layers and
+    of two layers (one running, one prefetched), and the gradients of three layers."""
+    p, o = c.parallel, c.optim
+    stage, ep = zero_stage(c), p.expert_model_parallel_size
+    dense, expert = split["dense"], split["expert"]
+    shard = dense / dp + expert / (dp // ep)  # parameters of this rank's shard
+    params = dense + expert
+    moments = (4 if o.optimizer == "lion" else 8) * (shard if stage else params)
+    grads = 4 * (params if stage < 2 else shard) + (4 * shard if stage == 1 and dp > 1 else 0)
+    weights = 4 * (shard if stage == 3 else params)
+    working = 0.0
+    if stage == 2:
+        working = 4 * min(params, 3 * p.ddp_bucket_size)
+    elif stage == 3:
+        root, layer = zero3_units(c, split, first)
+        working = 4 * (root + 2 * layer) + 4 * 3 * layer
+    host = moments + 8 * shard if p.optimizer_cpu_offload else 0.0
+    return {"weights": weights, "gradients": grads, "optimizer": 0.0 if p.optimizer_cpu_offload else moments,
+            "host_optimizer": host, "zero_working": working}
 
 
 def model_flops_per_token(c: Config, padded_vocab: int) -> float:
@@ -228,14 +271,31 @@ def step_time(plan: dict) -> dict:
       of its compute); the last bucket (the first layers' gradients) starts only when the backward
       ends, and what does not fit in that window waits too. With the distributed optimizer the
       all-gather of the updated parameters follows the optimizer step and is waited for at once.
+      ZeRO-2 and ZeRO-3 reduce-scatter after every micro-batch's backward the same way; ZeRO-3's
+      all-gathers of the layers run one layer ahead (prefetch), hidden behind the compute of the
+      layer before, except the first layer's of each micro-batch; the rest of the model's gather
+      opens the step and waits.
     The bubble idles a stage for `bubble` times its busy time (compute plus the TP, EP and PP
     communication of its micro-batches). Not counted: kernel efficiency that changes with the
     layout (smaller matmuls at larger TP) and the output layer's extra work on the last stage.
     """
     busy = plan["compute_seconds"] + plan["tp_seconds"] + plan["ep_seconds"] + plan["pp_seconds"]
-    reduce = plan["dp_reduce_seconds"]
-    window = 2 / 3 * plan["compute_seconds"] / plan["num_microbatches"]
-    dp_exposed = max(reduce * plan["last_bucket_fraction"], reduce - window) + plan["dp_gather_seconds"]
+    micro = plan["num_microbatches"]
+    compute = plan["compute_seconds"] / micro  # one micro-batch's forward and backward
+    window = 2 / 3 * compute
+    # ZeRO-2/3 reduce after every micro-batch's backward, the others after the last one's.
+    reductions = micro if plan["zero"] >= 2 else 1
+    reduce = plan["dp_reduce_seconds"] / reductions
+    dp_exposed = reductions * max(reduce * plan["last_bucket_fraction"], reduce - window)
+    gather = plan["dp_gather_seconds"]
+    if plan["zero"] == 3:
+        # The rest of the model's gather opens the step; each layer's is prefetched behind the
+        # compute of the one before, except the first layer's of every micro-batch.
+        root = plan["zero3_root_fraction"]
+        ring = gather / (root + 2 * micro * (1 - root)) if gather else 0.0
+        layers = 2 * ring * (1 - root)  # one micro-batch's
+        gather = ring * root + micro * max(ring * plan["zero3_layer_fraction"], layers - compute)
+    dp_exposed += gather
     step = busy * (1 + plan["bubble"]) + dp_exposed
     return {"exposed_seconds": busy - plan["compute_seconds"] + dp_exposed, "step_seconds": step,
             "tokens_per_second": plan["tokens_per_step"] / step}
@@ -283,12 +343,13 @@ def communication(c: Config, cluster: Cluster, dp: int, num_micro: int, padded_v
     # back forward, and their gradients backward (four all-to-alls); (EP - 1) / EP of them leave.
     ep_bytes = 4 * moe_layers * num_micro * activation * m.moe_router_topk * (ep - 1) / ep if ep > 1 else 0.0
     split = stage_parameter_split(c, padded_vocab, True, pp == 1)
-    edp = dp // ep
-    # all-reduce, or reduce-scatter + all-gather (ZeRO-1); the experts over DP / EP ranks
-    dp_bytes = 2 * 4 * (split["dense"] * (dp - 1) / dp + (split["expert"] * (edp - 1) / edp))
-    dp_gather = dp_bytes / 2 if p.use_distributed_optimizer else 0.0
-    # the share of the gradients in the bucket reduced after the backward pass (all without overlap)
-    last_bucket = min(1.0, p.ddp_bucket_size / (split["dense"] + split["expert"])) if p.overlap_grad_reduce else 1.0
+    dp_reduce, dp_gather = data_parallel_bytes(c, split, dp, num_micro)
+    dp_bytes = dp_reduce + dp_gather
+    # the share of the gradients in the bucket reduced after the backward pass (all without overlap);
+    # ZeRO-3's last unit is the one outside the layers (the embedding's gradient comes last)
+    total = split["dense"] + split["expert"]
+    bucket = zero3_units(c, split, True)[0] if zero_stage(c) == 3 else p.ddp_bucket_size
+    last_bucket = min(1.0, bucket / total) if p.overlap_grad_reduce and total else 1.0
     crosses_nodes = lambda span: span > cluster.gpus_per_node  # noqa: E731
     bandwidth = {"tp": cluster.intra_node_gb_per_s if not crosses_nodes(tp) else cluster.inter_node_gb_per_s,
                  "pp": cluster.inter_node_gb_per_s if crosses_nodes(tp * dp * pp) else cluster.intra_node_gb_per_s,
@@ -297,8 +358,32 @@ def communication(c: Config, cluster: Cluster, dp: int, num_micro: int, padded_v
     return {"tp_bytes": tp_bytes, "pp_bytes": pp_bytes, "dp_bytes": dp_bytes, "ep_bytes": ep_bytes,
             "tp_seconds": tp_bytes / (bandwidth["tp"] * 1e9), "pp_seconds": pp_bytes / (bandwidth["pp"] * 1e9),
             "dp_seconds": dp_bytes / (bandwidth["dp"] * 1e9), "ep_seconds": ep_bytes / (bandwidth["ep"] * 1e9),
-            "dp_reduce_seconds": (dp_bytes - dp_gather) / (bandwidth["dp"] * 1e9),
-            "dp_gather_seconds": dp_gather / (bandwidth["dp"] * 1e9), "last_bucket_fraction": last_bucket}
+            "dp_reduce_bytes": dp_reduce, "dp_gather_bytes": dp_gather,
+            "dp_reduce_seconds": dp_reduce / (bandwidth["dp"] * 1e9),
+            "dp_gather_seconds": dp_gather / (bandwidth["dp"] * 1e9), "last_bucket_fraction": last_bucket,
+            **{f"zero3_{k}_fraction": v / total if total else 1.0
+               for k, v in zip(("root", "layer"), zero3_units(c, split, True))}}
+
+
+def data_parallel_bytes(c: Config, split: dict, dp: int, num_micro: int) -> tuple:
+    """(reduction, all-gather) bytes one GPU sends per step over data parallelism; a ring
+    reduce-scatter or all-gather of everything moves (n - 1) / n of the 4-byte parameters, an
+    all-reduce twice that; the experts over their DP / EP ranks.
+    - no_shard: one all-reduce of the gradients; optim (ZeRO-1): their reduce-scatter and the
+      all-gather of the updated weights;
+    - optim_grads (ZeRO-2): a reduce-scatter after every micro-batch (no local accumulation);
+    - optim_grads_params (ZeRO-3): that, and every micro-batch gathers the layers' weights for its
+      forward and again for its backward; the rest of the model is gathered once per step."""
+    stage, ep = zero_stage(c), c.parallel.expert_model_parallel_size
+    edp = dp // ep
+    ring = 4 * (split["dense"] * (dp - 1) / dp + split["expert"] * (edp - 1) / edp)
+    if stage <= 1:
+        return (2 * ring if stage == 0 else ring), (ring if stage == 1 else 0.0)
+    if stage == 2:
+        return ring * num_micro, ring
+    root = zero3_units(c, split, True)[0]
+    root_share = root / (split["dense"] + split["expert"]) if split["dense"] + split["expert"] else 1.0
+    return ring * num_micro, ring * (root_share + 2 * num_micro * (1 - root_share))
 
 
 def layouts(c: Config, cluster: Cluster):
@@ -320,20 +405,35 @@ def layouts(c: Config, cluster: Cluster):
 
 def _row(e: dict, cluster: Cluster) -> str:
     comm = e["tp_seconds"] + e["pp_seconds"] + e["dp_seconds"] + e["ep_seconds"]
-    return (f"{e['tp']:>3} {e['pp']:>3} {e['dp']:>4} {e['vp']:>3} {e['ep']:>3} | {e['weights'] / GB:7.2f} "
+    return (f"{e['tp']:>3} {e['pp']:>3} {e['dp']:>4} {e['vp']:>3} {e['ep']:>3} {e['zero']:>4} | {e['weights'] / GB:7.2f} "
             f"{e['gradients'] / GB:7.2f} {e['optimizer'] / GB:7.2f} {e['activations'] / GB:7.2f} "
             f"{e['total'] / GB:7.2f} {'yes' if fits(e, cluster) else 'NO':>4} | {100 * e['bubble']:5.1f}% | "
             f"{comm:8.3g} {e['exposed_seconds']:8.3g} | {e['step_seconds']:8.3g} {e['tokens_per_second']:11,.0f}")
 
 
-HEADER = (" TP  PP   DP  VP  EP | weights   grads   optim  activ.   total fits | bubble | "
-          "  comm s  exposed |   step s    tokens/s\n" + "-" * 117)
+HEADER = (" TP  PP   DP  VP  EP ZeRO | weights   grads   optim  activ.   total fits | bubble | "
+          "  comm s  exposed |   step s    tokens/s\n" + "-" * 122)
 
 
 def layout_flags(plan: dict, moe: bool) -> str:
     """The pretrain_gpt.py flags that choose this plan's layout."""
     flags = f"--tensor-model-parallel-size {plan['tp']} --pipeline-model-parallel-size {plan['pp']}"
-    return flags + (f" --expert-model-parallel-size {plan['ep']}" if moe else "")
+    flags += f" --expert-model-parallel-size {plan['ep']}" if moe else ""
+    strategy = next(name for name, stage in SHARDING_STRATEGIES.items() if stage == plan["zero"])
+    return flags + f" --data-parallel-sharding-strategy {strategy}"
+
+
+def sharding_strategies(c: Config, world_size: int, search: bool) -> list:
+    """The strategies to plan: when searching every one the layout allows (ZeRO-3 not with pipeline
+    parallelism; only the first without data parallelism), else the one given."""
+    p = c.parallel
+    if not search:
+        return [p.sharding_strategy]
+    zero3 = p.pipeline_model_parallel_size == 1 and not c.train.compile
+    found = [s for s in SHARDING_STRATEGIES if (s != "no_shard" or not p.optimizer_cpu_offload)
+             and (s != "optim_grads_params" or zero3)]
+    dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    return found[:1] if dp == 1 else found
 
 
 def planned_vocabulary_size(data) -> int:
@@ -409,11 +509,14 @@ def main(argv=None) -> int:
         for tp, pp, ep in candidates:
             par.tensor_model_parallel_size, par.pipeline_model_parallel_size = tp, pp
             par.expert_model_parallel_size = ep
-            if ns.search:
+            if ns.search:  # every strategy is tried below; validate the layout with ZeRO-1's
                 par.num_layers_per_virtual_pipeline_stage = None
+                par.data_parallel_sharding_strategy, par.use_distributed_optimizer = "optim", False
             try:
                 config.validate_layout()
-                plans.append(estimate(config, cluster, vocab))
+                for strategy in sharding_strategies(config, cluster.world_size, ns.search):
+                    par.data_parallel_sharding_strategy, par.use_distributed_optimizer = strategy, False
+                    plans.append(estimate(config, cluster, vocab))
             except ConfigError as e:
                 if not ns.search:
                     raise
@@ -431,6 +534,9 @@ def main(argv=None) -> int:
             print(_row(plan, cluster))
         for line in rejected:
             print(line)
+        if par.optimizer_cpu_offload:
+            print(f"--optimizer-cpu-offload: the optimizer state (moments, master weights and gradients of the "
+                  f"shard) is in host memory, {plans[0]['host_optimizer'] / GB:.2f} GiB per GPU for the first row")
         if ns.search:
             if not plans:
                 raise ConfigError(f"no layout of {cluster.world_size} GPUs can run this model: " + "; ".join(reasons))
@@ -438,7 +544,7 @@ def main(argv=None) -> int:
             if best is None:
                 raise ConfigError(f"no layout of {cluster.world_size} GPUs fits in {cluster.gpu_memory_gb:g} GiB "
                                   f"per GPU; save memory (--recompute-granularity selective or full, "
-                                  f"--use-distributed-optimizer, --sequence-parallel, a smaller "
+                                  f"--optimizer-cpu-offload, --sequence-parallel, a smaller "
                                   f"--micro-batch-size) or add GPUs (--world-size)")
             print("recommended: " + layout_flags(best, bool(config.model.num_experts)))
     except (ConfigError, DataError) as e:

@@ -5,7 +5,7 @@ shard of the model) with an ordinary AdamW or Lion, after the data-parallel all-
 gradients. Both optimizers hold only parameters with `requires_grad` (the distributed one through
 the gradient buckets, which hold nothing else): a LoRA model's frozen base has no optimizer state.
 
-`DistributedOptimizer` (`--use-distributed-optimizer`, ZeRO stage 1; Rajbhandari et al. 2020):
+`DistributedOptimizer` (`--use-distributed-optimizer`, ZeRO stage 1, and stages 2 and 3; Rajbhandari et al. 2020):
 the optimizer state is split across the data-parallel ranks. The gradient buckets of
 `DistributedDataParallel` are reduce-scattered, so rank r holds the averaged gradient of the r-th
 contiguous 1/DP of every bucket; it updates the matching slice of the parameters (the pieces of
@@ -14,8 +14,10 @@ AdamW, whose moments therefore exist for 1/DP of the model only; then the bucket
 all-gathered (an expert-parallel model's experts over the expert-data-parallel group instead, see
 `megalm.parallel.data_parallel`). Parameters stay fp32 (mixed precision is autocast), so the
 optimizer's memory per rank is 4 (weights) + 4 (gradients) + 8 / DP (moments) bytes per parameter
-instead of 16. The gradient buffer stays full-size: the backward pass accumulates into it (ZeRO-2
-would free the non-owned part; it is not implemented).
+instead of 16. ZeRO-2 and ZeRO-3 (`--data-parallel-sharding-strategy`) change only the buckets: their
+gradients (and ZeRO-3's parameters) exist per rank as the shard this optimizer updates, and ZeRO-3's
+buckets are gathered by the forward hooks rather than after the step. `--optimizer-cpu-offload`
+updates host copies of the shard instead, and copies the result back.
 
 Both save and load their state keyed by parameter name, with each parameter's state whole (the
 distributed optimizer gathers its shards over the data-parallel group first), so a checkpoint does
@@ -124,6 +126,10 @@ class LocalOptimizer:
     def step(self) -> None:
         self.optimizer.step()
 
+    def state_tensors(self) -> list:
+        """The optimizer's moments (for measuring memory)."""
+        return _moments(self.optimizer)
+
     def state_dict(self) -> dict:
         return state_dict_by_name(self.optimizer, self.names)
 
@@ -132,19 +138,30 @@ class LocalOptimizer:
 
 
 class DistributedOptimizer:
-    """ZeRO-1: this data-parallel rank's shard of every bucket, updated by an inner AdamW / Lion."""
+    """ZeRO-1/2/3: this data-parallel rank's shard of every bucket, updated by an inner AdamW / Lion
+    (`offload`: on CPU copies of the shard, see `--optimizer-cpu-offload`)."""
 
-    def __init__(self, ddps: List[DistributedDataParallel], make_optimizer: OptimizerFactory, state: ParallelState):
+    def __init__(self, ddps: List[DistributedDataParallel], make_optimizer: OptimizerFactory, state: ParallelState,
+                 offload: bool = False):
         self.state, self.ddps = state, ddps
         self.names = param_names([d.module for d in ddps])
-        self.pieces = []  # (piece parameter, full parameter, start, end, bucket)
+        # (piece parameter, full parameter, start, end, bucket, the tensor the optimizer updates)
+        self.pieces = []
+        pin = offload and torch.cuda.is_available()
         for ddp in ddps:
             for bucket in ddp.buckets:
                 for p, start, end in bucket.shard_pieces():
                     piece = nn.Parameter(bucket.param_piece(p, start, end))
                     piece.grad = bucket.grad_piece(p, start, end)
-                    self.pieces.append((piece, p, start, end, bucket))
-        self.optimizer = make_optimizer([(piece, p) for piece, p, *_ in self.pieces])
+                    updated = piece
+                    if offload:  # fp32 master copy and its gradient in (pinned) host memory
+                        host = piece.detach().to("cpu", copy=True)
+                        updated = nn.Parameter(host.pin_memory() if pin else host)
+                        updated.grad = torch.empty_like(updated)
+                    self.pieces.append((piece, p, start, end, bucket, updated))
+        pairs = [(updated, p) for _, p, *_, updated in self.pieces]
+        self.offload = offload
+        self.optimizer = make_optimizer(pairs, device=torch.device("cpu")) if offload else make_optimizer(pairs)
         self.norm_group = dist.group.WORLD if state.distributed else None
 
     @property
@@ -156,8 +173,20 @@ class DistributedOptimizer:
         counted = [piece.grad for piece, p, *_ in self.pieces if counts_for_norm(p, self.state, sharded=True)]
         return grads, counted
 
+    def state_tensors(self) -> list:
+        """The optimizer's moments, and with offload the host copies of the weights and gradients."""
+        return _moments(self.optimizer) + ([t for *_, u in self.pieces for t in (u, u.grad)] if self.offload else [])
+
+    @torch.no_grad()
     def step(self) -> None:
+        if self.offload:  # gradients to the host, the step there, the new weights back
+            for piece, *_, updated in self.pieces:
+                updated.grad.copy_(piece.grad, non_blocking=True)
+            _synchronize(self.pieces[0][0].device if self.pieces else None)
         self.optimizer.step()
+        if self.offload:  # (the next step's synchronize orders these before the host copies change)
+            for piece, *_, updated in self.pieces:
+                piece.copy_(updated, non_blocking=True)
         for ddp in self.ddps:
             ddp.gather_params()
 
@@ -171,11 +200,11 @@ class DistributedOptimizer:
         for ddp in self.ddps:
             for bucket in ddp.buckets:
                 for key in keys:
-                    full = torch.zeros_like(bucket.grad)
-                    for piece, p, start, end, b in self.pieces:
-                        if b is bucket and piece in inner:
+                    full = bucket.zeros()
+                    for _, p, start, end, b, updated in self.pieces:
+                        if b is bucket and updated in inner:
                             offset = bucket.ranges[p][0]
-                            full[offset + start: offset + end] = inner[piece][key]
+                            full[offset + start: offset + end] = inner[updated][key]
                     if bucket.num_shards > 1:  # every element has one owner
                         dist.all_reduce(full, group=bucket.reduce_group or ddp.group)
                     for p in bucket.params:
@@ -195,7 +224,7 @@ class DistributedOptimizer:
             saved = _legacy_to_named(saved, self.ddps)
         _check_groups(saved, len(self.optimizer.param_groups))
         order = [piece for g in self.optimizer.param_groups for piece in g["params"]]
-        where = {piece: (p, start, end) for piece, p, start, end, _ in self.pieces}
+        where = {updated: (p, start, end) for _, p, start, end, _, updated in self.pieces}
         state = {}
         for i, piece in enumerate(order):
             p, start, end = where[piece]
@@ -213,6 +242,16 @@ class DistributedOptimizer:
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _moments(optimizer: torch.optim.Optimizer) -> list:
+    return [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+
+
+def _synchronize(device) -> None:
+    """Non-blocking copies between a GPU and pinned memory: wait before the host reads them."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _legacy_to_named(saved: dict, ddps: List[DistributedDataParallel]) -> dict:
     """A position-keyed state (written by a single-process run) to names: positions follow the
     model's parameters in `group_names` order."""
@@ -226,8 +265,9 @@ def _legacy_to_named(saved: dict, ddps: List[DistributedDataParallel]) -> dict:
 
 
 def build_parallel_optimizer(chunks: List[nn.Module], ddps: List[DistributedDataParallel],
-                             make_optimizer: OptimizerFactory, state: ParallelState, distributed: bool):
-    """The ZeRO-1 optimizer over the data-parallel buckets, or an ordinary one over `chunks`."""
+                             make_optimizer: OptimizerFactory, state: ParallelState, distributed: bool,
+                             offload: bool = False):
+    """The distributed (ZeRO) optimizer over the data-parallel buckets, or an ordinary one over `chunks`."""
     if distributed:
-        return DistributedOptimizer(ddps, make_optimizer, state)
+        return DistributedOptimizer(ddps, make_optimizer, state, offload)
     return LocalOptimizer(chunks, make_optimizer, state)

@@ -42,7 +42,7 @@ from megalm.model.moe import AuxLossAutoScaler, moe_aux_loss, update_expert_bias
 from megalm.parallel import pipeline
 from megalm.parallel import state as parallel_state
 from megalm.parallel.clip_grads import clip_grad_norm
-from megalm.parallel.data_parallel import DistributedDataParallel
+from megalm.parallel.data_parallel import DistributedDataParallel, full_params, storage_bytes
 from megalm.parallel.distributed_optimizer import build_parallel_optimizer
 from megalm.parallel.fp8 import load_fp8_state, update_delayed_scaling
 from megalm.parallel.random import model_parallel_seed
@@ -188,16 +188,16 @@ class Trainer:
         found = self._load_weights()
         p = config.parallel
         self.ddps = [DistributedDataParallel(chunk, st, p.ddp_bucket_size, p.overlap_grad_reduce,
-                                             p.use_distributed_optimizer) for chunk in self.chunks]
+                                             sharding=p.sharding_strategy) for chunk in self.chunks]
+        if found is None or t.finetune:  # a fresh start: every rank takes rank 0's weights
+            for ddp in self.ddps:
+                ddp.broadcast_params()
         make_optimizer = functools.partial(build_optimizer, config=config.optim, device=st.device)
         self.optimizer = build_parallel_optimizer(self.chunks, self.ddps, make_optimizer, st,
-                                                  p.use_distributed_optimizer)
+                                                  p.sharding_strategy != "no_shard", p.optimizer_cpu_offload)
         self.scheduler = LRScheduler(self.optimizer, config.optim)
         self.scaler = build_loss_scaler(t, config.optim)
         self._load_training_state(found)
-        if self.train_state.iteration == 0:
-            for ddp in self.ddps:
-                ddp.broadcast_params()
         self.compiled = [torch.compile(ddp) if t.compile else ddp for ddp in self.ddps]
 
         # Every evaluation reads the same first eval_iters global batches of its split, so the
@@ -323,13 +323,13 @@ class Trainer:
     def _memory_line(self) -> str:
         """Model-state memory of this rank: weights, gradient buffers, optimizer moments (the latter
         allocated at the first step; a data-parallel share of them with the distributed optimizer)."""
-        weights = sum(p.numel() * p.element_size() for chunk in self.chunks for p in chunk.parameters())
-        grads = sum(b.grad.numel() * b.grad.element_size() + (0 if b.grad_shard is None or b.grad_shard is b.grad
-                                                               else b.grad_shard.numel() * b.grad_shard.element_size())
-                    for ddp in self.ddps for b in ddp.buckets)
+        held = [ddp.state_tensors() for ddp in self.ddps]
+        weights, grads = (storage_bytes([t for tensors in held for t in tensors[i]]) for i in (0, 1))
         moments = 1 if self.config.optim.optimizer == "lion" else 2
         updated = sum(p.numel() * p.element_size() for g in self.optimizer.param_groups for p in g["params"])
-        sharded = " (sharded over data parallelism)" if self.config.parallel.use_distributed_optimizer else ""
+        p = self.config.parallel
+        sharded = f" (sharded over data parallelism: {p.sharding_strategy})" if p.sharding_strategy != "no_shard" else ""
+        sharded += " in CPU memory" if p.optimizer_cpu_offload else ""
         def size(n: float) -> str:
             return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
         return (f"memory per rank (rank {self.state.rank}): weights {size(weights)} | gradients {size(grads)} | "
@@ -447,9 +447,10 @@ class Trainer:
                            f"happens at the next applied step")
             return False
         start = time.perf_counter()
-        path = ckpt.save_checkpoint(t.save, ts.iteration, self.chunks, self.config, self.optimizer, self.scheduler,
-                                    self.scaler, ts.consumed_samples, self.state,
-                                    extra_metadata={"skipped_iterations": ts.skipped_iterations})
+        with full_params(self.ddps):  # ZeRO-3: the whole weights, gathered for the writers
+            path = ckpt.save_checkpoint(t.save, ts.iteration, self.chunks, self.config, self.optimizer,
+                                        self.scheduler, self.scaler, ts.consumed_samples, self.state,
+                                        extra_metadata={"skipped_iterations": ts.skipped_iterations})
         ts.last_saved = ts.iteration
         self.log.print(f"saved checkpoint {path} in {time.perf_counter() - start:.1f}s")
         return True
