@@ -7,6 +7,10 @@
     python posttrain_gpt.py --task distill --load STUDENT --teacher-load TEACHER --save OUT \\
         --data-path chat.jsonl --kd-loss jsd --kd-beta 0.5 --kd-ratio 0.5 ...
 
+    python posttrain_gpt.py --task grpo --load SFT --save OUT --data-path prompts.jsonl \\
+        --reward-fn megalm.posttrain.rewards:exact_match_answer --num-generations 8 \\
+        --max-completion-length 64 --micro-batch-size 16 --global-batch-size 64 ...
+
     torchrun --nproc-per-node 8 posttrain_gpt.py ...   # the parallel layouts of pretrain_gpt.py
 
 `--load` is the model to start from (a megalm checkpoint, e.g. one imported from Hugging Face with
@@ -19,6 +23,7 @@ pre-training runs the loop (`megalm.training.trainer.pretrain`): flags, logs, ch
 parallelism are those of pretrain_gpt.py (see `--help`).
 """
 
+import functools
 import os
 import sys
 from typing import Optional
@@ -52,7 +57,11 @@ def model_provider(config: Config, parallel: Optional[ParallelState] = None, vir
 
 
 def datasets_provider(config: Config, num_samples):
-    """(train, valid, test) rows of the jsonl samples: tokens, labels, position and document ids."""
+    """(train, valid, test) rows of the jsonl samples: tokens, labels, position and document ids
+    (grpo: the prompts, for training only)."""
+    if config.posttrain.task == "grpo":
+        from megalm.posttrain.grpo import build_prompt_dataset
+        return build_prompt_dataset(config), None, None
     from megalm.data.sft_dataset import build_sft_datasets
     datasets = build_sft_datasets(config.data, config.posttrain, config.model.seq_length, config.train.seed,
                                   num_samples=num_samples)
@@ -145,15 +154,25 @@ def check_task(config: Config) -> None:
                           "pipeline parallelism (--pipeline-model-parallel-size 1; use tensor or data parallelism)")
     if p.teacher_load and not os.path.isdir(p.teacher_load):
         raise ConfigError(f"--teacher-load {p.teacher_load}: no such checkpoint directory")
+    if p.task == "grpo":
+        from megalm.posttrain.grpo import check_grpo
+        check_grpo(config)
 
 
 def main(argv=None) -> int:
     try:
         config, ns = parse_args(argv, description=__doc__.split("\n\n")[0], sections=SECTIONS)
+        base = config.train.load  # the starting model, also when the run resumes from --save
         resume_or_start(config, ns)
         config.validate()
         check_task(config)
         set_vocabulary(config)
+        if config.posttrain.task == "grpo":
+            from megalm.posttrain.grpo import GRPOTrainer
+            # The trainer makes its micro-batches (rollouts) and its loss.
+            pretrain(config, model_provider, datasets_provider, trainer_class=functools.partial(
+                GRPOTrainer, reference_path=base))
+            return 0
         # sft: the mean cross-entropy over the tokens with a label, as pre-training computes it
         step = gpt_forward_step if config.posttrain.task == "sft" else DistillStep(config)
         pretrain(config, model_provider, datasets_provider, step)

@@ -405,8 +405,10 @@ class DataConfig:
 
 
 # The --task values of posttrain_gpt.py.
-POSTTRAIN_TASKS = ("sft", "distill")
+POSTTRAIN_TASKS = ("sft", "distill", "grpo")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
 
 
 @dataclass
@@ -446,6 +448,30 @@ class PostTrainConfig:
                        group="distillation")
     kd_beta: float = opt(0.5, "distill: the generalized JSD's beta.", group="distillation")
     kd_temperature: float = opt(1.0, "distill: softmax temperature of teacher and student.", group="distillation")
+    num_generations: int = opt(8, "grpo: completions sampled per prompt (the group G).", group="GRPO")
+    max_completion_length: int = opt(256, "grpo: most new tokens per completion.", group="GRPO")
+    temperature: float = opt(1.0, "grpo: sampling temperature (also applied to the log-probabilities).",
+                             group="GRPO")
+    top_p: float = opt(1.0, "grpo: nucleus sampling threshold in (0, 1] (1: off).", group="GRPO")
+    top_k: int = opt(0, "grpo: sample among the k most likely tokens (0: off).", group="GRPO")
+    reward_fn: list = opt([], "grpo: reward functions, module:function (TRL's signature: prompts, completions, "
+                          "completion_ids, **columns -> list of float or None); megalm.posttrain.rewards has "
+                          "ready-made ones.", metavar="MODULE:FUNCTION", group="GRPO")
+    reward_weights: list = opt([], "grpo: one weight per --reward-fn (default: 1 each).", metavar="W", group="GRPO")
+    scale_rewards: str = opt("group", "grpo: divide the advantages by the std of the group's rewards, of the "
+                             "batch's, or not at all.", choices=SCALE_REWARDS, group="GRPO")
+    loss_type: str = opt("dapo", "grpo: how the per-token losses are averaged, as TRL: grpo (per sequence, then "
+                         "over sequences), bnpo (over the micro-batch's tokens), dr_grpo (by batch x "
+                         "--max-completion-length), dapo (over the global batch's tokens).",
+                         choices=GRPO_LOSS_TYPES, group="GRPO")
+    epsilon: float = opt(0.2, "grpo: lower clipping range of the probability ratio.", group="GRPO")
+    epsilon_high: Optional[float] = opt(None, "grpo: upper clipping range (default --epsilon; DAPO uses 0.28).",
+                                        group="GRPO")
+    beta: Optional[float] = opt(None, "The strength of the pull to the reference model. grpo: coefficient of the "
+                                "KL to it (k3 estimator; default 0, which builds no reference model).",
+                                group="post-training")
+    num_iterations: int = opt(1, "grpo: optimizer steps on each batch of rollouts (mu); rollouts are generated "
+                              "every mu iterations.", group="GRPO")
 
     def validate(self) -> None:
         if self.lora_rank < 0:
@@ -473,6 +499,47 @@ class PostTrainConfig:
             for flag, given in (("--teacher-load", self.teacher_load), ("--teacher-logits", self.teacher_logits)):
                 if given is not None:
                     raise ConfigError(f"{flag} is for --task distill (the task is {self.task})")
+        if self.task == "grpo":
+            self._validate_grpo()
+        elif self.reward_fn:
+            raise ConfigError(f"--reward-fn is for --task grpo (the task is {self.task})")
+
+    def _validate_grpo(self) -> None:
+        if not self.reward_fn:
+            raise ConfigError("--task grpo needs a reward: give --reward-fn MODULE:FUNCTION (e.g. "
+                              "megalm.posttrain.rewards:exact_match_answer)")
+        for name in self.reward_fn:
+            if name.count(":") != 1 or not all(name.split(":")):
+                raise ConfigError(f"--reward-fn {name}: expected MODULE:FUNCTION")
+        if self.reward_weights:
+            if len(self.reward_weights) != len(self.reward_fn):
+                raise ConfigError(f"--reward-weights gives {len(self.reward_weights)} weights for "
+                                  f"{len(self.reward_fn)} --reward-fn functions: give one per function")
+            for w in self.reward_weights:
+                try:
+                    ok = math.isfinite(float(w))
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise ConfigError(f"--reward-weights: {w} is not a finite number")
+        if self.num_generations < 2:
+            raise ConfigError(f"--num-generations must be at least 2 (a group's rewards are compared with their "
+                              f"mean), got {self.num_generations}")
+        if self.max_completion_length < 1:
+            raise ConfigError(f"--max-completion-length must be positive, got {self.max_completion_length}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"--temperature must be positive (GRPO samples its completions), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k must not be negative, got {self.top_k}")
+        for flag, value in (("--epsilon", self.epsilon), ("--epsilon-high", self.epsilon_high)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} must be positive, got {value}")
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ConfigError(f"--beta must not be negative, got {self.beta}")
+        if self.num_iterations < 1:
+            raise ConfigError(f"--num-iterations must be at least 1, got {self.num_iterations}")
 
 
 SECTIONS = {

@@ -335,6 +335,11 @@ class Trainer:
 
     # -- one step
 
+    def data_iterator(self, dataset, consumed_samples: int) -> Iterator[dict]:
+        """The training micro-batches from sample `consumed_samples` on (a subclass may make them,
+        as post-training's rollouts are)."""
+        return build_data_iterator(dataset, consumed_samples, self.config, self.state)
+
     def train_step(self, data: Iterator[dict]) -> tuple:
         """Forward/backward over the global batch and one optimizer step (or a skipped one)."""
         for ddp in self.ddps:
@@ -456,7 +461,7 @@ class Trainer:
     def train(self) -> TrainState:
         c, t, st, ts = self.config, self.config.train, self.state, self.train_state
         train_ds, valid_ds, test_ds = self.datasets
-        data = build_data_iterator(train_ds, ts.consumed_samples, c, st)
+        data = self.data_iterator(train_ds, ts.consumed_samples)
         for chunk in self.chunks:
             chunk.train()
         timer = Throughput(st.device)
@@ -575,11 +580,12 @@ def _ppl(loss: float) -> float:
 
 
 def pretrain(config: Config, model_provider: Callable, datasets_provider: Callable,
-             forward_step: Callable = gpt_forward_step) -> TrainState:
-    """Build everything from `config`, train, evaluate, save. Returns the final TrainState."""
+             forward_step: Callable = gpt_forward_step, trainer_class: type = Trainer) -> TrainState:
+    """Build everything from `config`, train, evaluate, save. Returns the final TrainState.
+    `trainer_class`: Trainer or a subclass (one with its own micro-batches or logs)."""
     trainer = None
     try:
-        trainer = Trainer(config, model_provider, datasets_provider, forward_step)
+        trainer = trainer_class(config, model_provider, datasets_provider, forward_step)
         return trainer.train()
     except BaseException as e:
         # The traceback's frames would keep the trainer, and with it the process groups, alive
