@@ -405,8 +405,9 @@ class DataConfig:
 
 
 # The --task values of posttrain_gpt.py.
-POSTTRAIN_TASKS = ("sft", "distill", "grpo")
+POSTTRAIN_TASKS = ("sft", "distill", "grpo", "dpo", "reward")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "cdpo", "simpo")
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 
@@ -435,6 +436,21 @@ class PostTrainConfig:
     lora_base_quantization: Optional[str] = opt(
         None, "QLoRA: hold the frozen base weights of the adapted layers quantized (weight-only, "
         "per-group) and de-quantize them in the forward pass.", choices=["int8", "int4"], group="LoRA")
+    dpo_loss: str = opt("sigmoid", "dpo: the preference loss of the log-ratio margin (TRL's formulas): sigmoid "
+                        "(DPO), ipo, hinge (SLiC), robust (rDPO), cdpo (conservative DPO), simpo (reference-free, "
+                        "length-normalised, with --simpo-gamma).", choices=DPO_LOSSES, group="DPO")
+    label_smoothing: float = opt(0.0, "dpo --dpo-loss robust / cdpo: the assumed probability that a pair's "
+                                 "preference is flipped, in [0, 0.5).", group="DPO")
+    simpo_gamma: float = opt(0.5, "dpo --dpo-loss simpo: the target reward margin gamma.", group="DPO")
+    precompute_ref_logps: bool = opt(False, "dpo: compute the reference model's log-probabilities of every pair "
+                                     "once before training (then no reference model is held while training).",
+                                     group="DPO")
+    ref_load: Optional[str] = opt(None, "dpo: the reference model's checkpoint (default: --load, the model "
+                                  "training starts from; unused with LoRA, whose base is the reference).",
+                                  metavar="DIR", group="DPO")
+    center_rewards_coefficient: Optional[float] = opt(
+        None, "reward: add coefficient x mean((r_chosen + r_rejected)^2) to the loss, which keeps rewards "
+        "centred on 0.", group="reward model")
     teacher_load: Optional[str] = opt(
         None, "distill: the teacher's checkpoint directory (megalm, or imported from Hugging Face).",
         metavar="DIR", group="distillation")
@@ -485,6 +501,7 @@ class PostTrainConfig:
                                 ("--lora-base-quantization", self.lora_base_quantization)):
                 if given:
                     raise ConfigError(f"{flag} needs LoRA adapters: give --lora-rank R")
+        self._validate_preference()
         if self.task == "distill":
             if (self.teacher_load is None) == (self.teacher_logits is None):
                 raise ConfigError("--task distill needs one teacher: --teacher-load DIR (run online) or "
@@ -540,6 +557,34 @@ class PostTrainConfig:
             raise ConfigError(f"--beta must not be negative, got {self.beta}")
         if self.num_iterations < 1:
             raise ConfigError(f"--num-iterations must be at least 1, got {self.num_iterations}")
+
+    def _validate_preference(self) -> None:
+        dpo, defaults = self.task == "dpo", PostTrainConfig()
+        if not dpo:
+            for flag, field_name in (("--dpo-loss", "dpo_loss"), ("--label-smoothing", "label_smoothing"),
+                                     ("--simpo-gamma", "simpo_gamma"), ("--precompute-ref-logps", "precompute_ref_logps"),
+                                     ("--ref-load", "ref_load")):
+                if getattr(self, field_name) != getattr(defaults, field_name):
+                    raise ConfigError(f"{flag} is for --task dpo (the task is {self.task})")
+        if self.task != "reward" and self.center_rewards_coefficient is not None:
+            raise ConfigError(f"--center-rewards-coefficient is for --task reward (the task is {self.task})")
+        if self.center_rewards_coefficient is not None and not (
+                math.isfinite(self.center_rewards_coefficient) and self.center_rewards_coefficient >= 0):
+            raise ConfigError(f"--center-rewards-coefficient must not be negative, got {self.center_rewards_coefficient}")
+        if not dpo:
+            return
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"--beta must be positive for --task dpo, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.dpo_loss not in ("robust", "cdpo", "simpo"):
+            raise ConfigError(f"--label-smoothing is for --dpo-loss robust, cdpo or simpo (the loss is "
+                              f"{self.dpo_loss})")
+        if self.simpo_gamma != defaults.simpo_gamma and self.dpo_loss != "simpo":
+            raise ConfigError(f"--simpo-gamma is for --dpo-loss simpo (the loss is {self.dpo_loss})")
+        if self.dpo_loss == "simpo" and (self.precompute_ref_logps or self.ref_load):
+            flag = "--precompute-ref-logps" if self.precompute_ref_logps else "--ref-load"
+            raise ConfigError(f"{flag}: --dpo-loss simpo uses no reference model; leave it out")
 
 
 SECTIONS = {

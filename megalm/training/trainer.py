@@ -426,9 +426,21 @@ class Trainer:
             return None
         loss = self._dp_mean(torch.stack(losses).mean() if losses else torch.zeros((), device=self.state.device))
         it = self.train_state.iteration
-        self.log.print(f"{name} at iteration {it} | loss {loss:.4f} | ppl {_ppl(loss):.2f}")
-        self.log.scalars({f"{name}/loss": loss, f"{name}/ppl": _ppl(loss)}, it)
+        extra = self._step_metrics("eval")
+        self.log.print(f"{name} at iteration {it} | loss {loss:.4f} | ppl {_ppl(loss):.2f}"
+                       + "".join(f" | {key} {value:.4f}" for key, value in extra.items()))
+        self.log.scalars({f"{name}/loss": loss, f"{name}/ppl": _ppl(loss),
+                          **{f"{name}/{key}": value for key, value in extra.items()}}, it)
         return loss
+
+    def _step_metrics(self, split: str) -> dict:
+        """The forward step's own metrics ("train" or "eval") since it was last asked, over the
+        data-parallel ranks: {name: value} from its `metrics(split, group)` where it has one (the
+        rewards and accuracy of preference training), else none. Every rank calls it."""
+        metrics = getattr(self.forward_step, "metrics", None)
+        if metrics is None:
+            return {}
+        return metrics(split, self.state.data_parallel_group if self.state.distributed else None)
 
     def _diverging(self) -> bool:
         """Are the last steps skipped for non-finite gradients that loss scaling cannot explain?
@@ -538,6 +550,9 @@ class Trainer:
                 line += f" | MFU {100 * tflops * 1e12 / self.peak_flops:.1f}%"
         if t.fp16:
             line += f" | loss scale {self.scaler.scale:.0f}"
+        for key, value in self._step_metrics("train").items():
+            values[f"train/{key}"] = value
+            line += f" | {key} {value:.4f}"
         mem = peak_memory_bytes(st.device)
         values["train/peak_memory_gb"] = mem / 2**30
         line += f" | mem {mem / 2**30:.2f} GB | elapsed {duration(elapsed)} | ETA {duration(eta)}"
