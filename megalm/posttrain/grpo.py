@@ -225,9 +225,6 @@ class GRPOTrainer(Trainer):
 
     def _check_layout(self) -> None:
         st, t, p = self.state, self.config.train, self.grpo
-        if st.pipeline_model_parallel_size > 1 or st.sequence_parallel:
-            raise ConfigError("--task grpo generates its rollouts on the training model: it runs with tensor and "
-                              "data parallelism only (--pipeline-model-parallel-size 1, no --sequence-parallel)")
         per_rank = t.global_batch_size // st.data_parallel_size
         if per_rank % p.num_generations:
             raise ConfigError(f"--global-batch-size {t.global_batch_size} counts completions: each of the "
@@ -266,8 +263,7 @@ class GRPOTrainer(Trainer):
                                 stop_token_ids=self.stop_ids)
         for chunk in self.chunks:
             chunk.eval()
-        model = self.chunks[0]
-        generations = generate(model, prompt_ids, params, vocab_size=self.config.model.vocab_size)
+        generations = self.sample(prompt_ids, params)
         generated = time.perf_counter()
         completion_ids = [g.tokens + ([g.stop_token] if g.stop_token is not None else []) for g in generations]
         advantages = self._score(records, generations, completion_ids)
@@ -278,6 +274,10 @@ class GRPOTrainer(Trainer):
         self.stats["rollout_s"] += time.perf_counter() - start
         self.stats["generated_tokens"] += sum(len(c) for c in completion_ids)
         return batches
+
+    def sample(self, prompt_ids: list, params: SamplingParams) -> list:
+        """One `Generation` per prompt, by the policy as it is now (the chunk of this rank)."""
+        return generate(self.chunks[0], prompt_ids, params, vocab_size=self.config.model.vocab_size)
 
     def _score(self, records: list, generations: list, completion_ids: list) -> Tensor:
         """This rank's advantages [N]; the rewards of all ranks enter the statistics."""
@@ -423,7 +423,7 @@ class GRPOTrainer(Trainer):
         interval = timer.elapsed()
         super()._log_interval(timer, mean_loss, lr, grad_norm, skipped, elapsed, eta)
         metrics = self.grpo_metrics(interval)
-        parts = [f"{k} {v:.4g}" for k, v in metrics.items() if not k.endswith("_s")]
+        parts = [f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("generation_s", "training_s")]
         parts.append(f"generation {metrics['generation_s']:.2f}s / training {metrics['training_s']:.2f}s")
         self.log.print(f"grpo {self.train_state.iteration} | " + " | ".join(parts))
         self.log.scalars({f"grpo/{k}": v for k, v in metrics.items()}, self.train_state.iteration)
@@ -433,6 +433,9 @@ class GRPOTrainer(Trainer):
 def check_grpo(config: Config) -> None:
     """Start-up checks that need the whole configuration; the reward functions are imported here."""
     p, t = config.posttrain, config.train
+    if config.parallel.pipeline_model_parallel_size > 1 or config.parallel.sequence_parallel:
+        raise ConfigError("--task grpo generates its rollouts on the training model: it runs with tensor and "
+                          "data parallelism only (--pipeline-model-parallel-size 1, no --sequence-parallel)")
     mu = p.num_iterations
     for flag, value in (("--save-interval", t.save_interval), ("--exit-interval", t.exit_interval)):
         if value and value % mu:
