@@ -55,15 +55,45 @@ def run(script, *flags, ok=True, nproc=1):
 
 
 def preference_setup(root) -> dict:
-    """A ChatML tokenizer, pairs.jsonl and a base checkpoint pre-trained for 2 steps on mock data."""
+    """A ChatML tokenizer, pairs.jsonl and a base checkpoint (freshly initialised weights)."""
+    import pretrain_gpt
+    from megalm.arguments import parse_args
+    from megalm.checkpoint import save_weights
+    from megalm.model import GPTModel
     tok = write_tokenizer(root / "tok")
     data = root / "pairs.jsonl"
     write_pairs(data, 120)
     base = root / "base"
-    run("pretrain_gpt.py", "--mock-data", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-        os.path.join(tok, "tokenizer.json"), *MODEL, "--micro-batch-size", "4", "--train-iters", "2",
-        "--lr", "1e-3", "--eval-iters", "0", "--save", str(base))
+    config, _ = parse_args(["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                            os.path.join(tok, "tokenizer.json"), *MODEL, "--train-iters", "1"])
+    pretrain_gpt.set_vocabulary(config)
+    torch.manual_seed(0)
+    save_weights(str(base), config, GPTModel(config.model).state_dict())
     return {"root": root, "tok": str(tok), "data": str(data), "base": str(base)}
+
+
+def posttrain(*argv) -> str:
+    """posttrain_gpt.py --task dpo / reward in this process, as its main() runs it; the log."""
+    import io
+
+    import posttrain_gpt
+    from megalm.arguments import parse_args
+    from megalm.parallel import state as parallel_state
+    from megalm.training.trainer import Trainer
+    config, ns = parse_args(list(argv), sections=posttrain_gpt.SECTIONS)
+    base = config.train.load
+    posttrain_gpt.resume_or_start(config, ns)
+    config.validate()
+    posttrain_gpt.check_task(config)
+    posttrain_gpt.set_vocabulary(config)
+    stream = io.StringIO()
+    trainer = Trainer(config, *posttrain_gpt.preference_run(config, base), log_stream=stream)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+        parallel_state.destroy()
+    return stream.getvalue()
 
 
 def metric(output: str, name: str, kind: str = "validation") -> list:
@@ -76,11 +106,13 @@ def setup(tmp_path_factory):
     return preference_setup(tmp_path_factory.mktemp("dpo"))
 
 
-def _dpo(setup, save, *flags, ok=True, nproc=1):
-    return run("posttrain_gpt.py", "--task", "dpo", "--load", setup["base"], "--save", str(save), "--data-path",
-               setup["data"], "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "1e-3",
-               "--log-interval", "1", "--eval-iters", "2", "--eval-interval", "1000", "--split", "80,20,0",
-               "--seed", "5", *flags, ok=ok, nproc=nproc)
+def _dpo(setup, save, *flags, nproc=1):
+    """The log of a DPO run (in this process; under torchrun with `nproc` > 1)."""
+    argv = ["--task", "dpo", "--load", setup["base"], "--save", str(save), "--data-path", setup["data"],
+            "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "1e-3", "--lr-decay-style", "constant",
+            "--log-interval", "1",
+            "--eval-iters", "1", "--eval-interval", "1000", "--split", "80,20,0", "--seed", "5", *flags]
+    return posttrain(*argv) if nproc == 1 else run("posttrain_gpt.py", *argv, nproc=nproc).stdout
 
 
 # ---- the losses -----------------------------------------------------------------------------------
@@ -201,37 +233,49 @@ def test_pairs_share_one_row_with_restarting_positions(setup):
 # ---- end to end -----------------------------------------------------------------------------------
 
 
-def test_dpo_raises_held_out_preference_and_resumes_exactly(setup):
+@pytest.fixture(scope="module")
+def full(setup):
+    """The log of 6 DPO steps in one process, co-hosted reference."""
+    return _dpo(setup, setup["root"] / "full", "--train-iters", "6")
+
+
+def test_dpo_raises_held_out_preference_and_resumes_exactly(setup, full):
     root = setup["root"]
-    full = _dpo(setup, root / "full", "--train-iters", "8").stdout
     accuracy, margins = metric(full, "accuracy"), metric(full, "margins")
     assert accuracy[-1] >= 0.9 and margins[-1] > 0.5, full[-2000:]
     assert metric(full, "loss", "iter")[-1] < 0.69 < metric(full, "loss", "iter")[0] + 1e-3  # starts at log 2
     # Stopped after 4 iterations and started again with the same command: the same steps.
-    _dpo(setup, root / "resumed", "--train-iters", "8", "--exit-interval", "4")
-    resumed = _dpo(setup, root / "resumed", "--train-iters", "8").stdout
-    assert metric(resumed, "loss", "iter") == metric(full, "loss", "iter")[4:]
+    _dpo(setup, root / "resumed", "--train-iters", "6", "--exit-interval", "3")
+    resumed = _dpo(setup, root / "resumed", "--train-iters", "6")
+    assert metric(resumed, "loss", "iter") == metric(full, "loss", "iter")[3:]
+    # The reference log-probabilities computed once before training instead of by the co-hosted copy.
+    precomputed = _dpo(setup, root / "precomputed", "--train-iters", "6", "--precompute-ref-logps")
+    assert metric(precomputed, "loss", "iter") == pytest.approx(metric(full, "loss", "iter"), rel=1e-5)
 
 
-def test_lora_reference_is_the_base_and_precomputing_it_changes_nothing(setup):
-    root = setup["root"]
-    flags = ["--train-iters", "3", "--lora-rank", "4", "--dpo-loss", "robust", "--label-smoothing", "0.1"]
-    online = _dpo(setup, root / "lora", *flags).stdout
-    precomputed = _dpo(setup, root / "lora_pre", *flags, "--precompute-ref-logps").stdout
-    cohosted = _dpo(setup, root / "full_pre", "--train-iters", "3", "--precompute-ref-logps").stdout
-    full = _dpo(setup, root / "full3", "--train-iters", "3").stdout
-    assert metric(online, "loss", "iter") == pytest.approx(metric(precomputed, "loss", "iter"), rel=1e-5)
-    assert metric(cohosted, "loss", "iter") == pytest.approx(metric(full, "loss", "iter"), rel=1e-5)
-    assert metric(online, "loss", "iter")[0] == pytest.approx(0.6931, abs=1e-3)  # policy = reference at start
+def test_lora_dpo_uses_the_base_as_reference_and_learns(setup):
+    out = _dpo(setup, setup["root"] / "lora", "--train-iters", "4", "--lora-rank", "8", "--lora-alpha", "32",
+               "--lr", "3e-3", "--dpo-loss", "robust", "--label-smoothing", "0.1")
+    losses = metric(out, "loss", "iter")
+    # At the start the adapters are zero: the policy is its base, the reference, and the loss
+    # robust's value at a zero margin, log 2.
+    assert losses[0] == pytest.approx(0.6931, abs=1e-4)
+    assert losses[-1] < losses[0] and metric(out, "margins")[-1] > 0, out[-2000:]
 
 
 @pytest.mark.slow
-def test_tensor_parallel_dpo_equals_one_process(setup):
+def test_tensor_parallel_dpo_equals_one_process(setup, full):
     root = setup["root"]
-    one = _dpo(setup, root / "tp1", "--train-iters", "3").stdout
-    two = _dpo(setup, root / "tp2", "--train-iters", "3", "--tensor-model-parallel-size", "2", nproc=2).stdout
-    assert metric(two, "loss", "iter") == pytest.approx(metric(one, "loss", "iter"), rel=2e-5)
-    assert metric(two, "accuracy") == metric(one, "accuracy")
+    base_tp2 = str(root / "base_tp2")
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import convert_checkpoint
+    assert convert_checkpoint.main(["--loader", "megalm", "--saver", "megalm", "--load-dir", setup["base"],
+                                    "--save-dir", base_tp2, "--target-tensor-parallel-size", "2",
+                                    "--target-pipeline-parallel-size", "1"]) == 0
+    # The learning rate is constant: the first 3 steps are those of the 6-step run.
+    two = _dpo(dict(setup, base=base_tp2), root / "tp2", "--train-iters", "3", "--tensor-model-parallel-size", "2",
+               nproc=2)
+    assert metric(two, "loss", "iter") == pytest.approx(metric(full, "loss", "iter")[:3], rel=2e-5)
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -8,17 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_dpo import metric, preference_setup, run
+from tests.test_dpo import metric, posttrain, preference_setup
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     setup = preference_setup(tmp_path_factory.mktemp("reward"))
     save = setup["root"] / "reward"
-    out = run("posttrain_gpt.py", "--task", "reward", "--load", setup["base"], "--save", str(save), "--data-path",
-              setup["data"], "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "1e-3",
-              "--train-iters", "6", "--log-interval", "1", "--eval-iters", "2", "--eval-interval", "1000",
-              "--split", "80,20,0", "--seed", "5", "--center-rewards-coefficient", "0.01").stdout
+    out = posttrain("--task", "reward", "--load", setup["base"], "--save", str(save), "--data-path", setup["data"],
+                    "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "1e-3", "--train-iters", "6",
+                    "--log-interval", "1", "--eval-iters", "2", "--eval-interval", "1000", "--split", "80,20,0",
+                    "--seed", "5", "--center-rewards-coefficient", "0.01")
     return dict(setup, save=str(save), out=out)
 
 
