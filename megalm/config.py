@@ -471,8 +471,9 @@ class PostTrainConfig:
     top_p: float = opt(1.0, "grpo: nucleus sampling threshold in (0, 1] (1: off).", group="GRPO")
     top_k: int = opt(0, "grpo: sample among the k most likely tokens (0: off).", group="GRPO")
     reward_fn: list = opt([], "grpo: reward functions, module:function (TRL's signature: prompts, completions, "
-                          "completion_ids, **columns -> list of float or None); megalm.posttrain.rewards has "
-                          "ready-made ones.", metavar="MODULE:FUNCTION", group="GRPO")
+                          "completion_ids, **columns -> list of float or None; megalm.posttrain.rewards has "
+                          "ready-made ones), or the checkpoint directory of a reward model (--task reward).",
+                          metavar="MODULE:FUNCTION|DIR", group="GRPO")
     reward_weights: list = opt([], "grpo: one weight per --reward-fn (default: 1 each).", metavar="W", group="GRPO")
     scale_rewards: str = opt("group", "grpo: divide the advantages by the std of the group's rewards, of the "
                              "batch's, or not at all.", choices=SCALE_REWARDS, group="GRPO")
@@ -525,9 +526,6 @@ class PostTrainConfig:
         if not self.reward_fn:
             raise ConfigError("--task grpo needs a reward: give --reward-fn MODULE:FUNCTION (e.g. "
                               "megalm.posttrain.rewards:exact_match_answer)")
-        for name in self.reward_fn:
-            if name.count(":") != 1 or not all(name.split(":")):
-                raise ConfigError(f"--reward-fn {name}: expected MODULE:FUNCTION")
         if self.reward_weights:
             if len(self.reward_weights) != len(self.reward_fn):
                 raise ConfigError(f"--reward-weights gives {len(self.reward_weights)} weights for "

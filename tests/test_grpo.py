@@ -208,7 +208,7 @@ def run_grpo(flags, trainer_class=GRPOTrainer):
 
 
 def _metric(log: str, name: str) -> list:
-    return [float(x) for x in re.findall(rf"^grpo \d+ \|.*?\| {re.escape(name)} ([-\d.e]+)", log, re.M)]
+    return [float(x) for x in re.findall(rf"^grpo \d+ .*?\| {re.escape(name)} ([-\d.e]+)", log, re.M)]
 
 
 def test_toy_reward_rises_and_beta_zero_holds_no_reference(setup):
@@ -274,6 +274,31 @@ def test_stop_tokens_of_a_chatml_tokenizer(setup):
     tokenizer = HuggingFaceTokenizer(os.path.join(setup["tok"], "tokenizer.json"))
     names = {tokenizer.decode([i]) for i in stop_token_ids(tokenizer)}
     assert names == {"<|endoftext|>", "<|im_end|>"}
+
+
+def test_a_reward_model_checkpoint_is_a_reward_function(setup):
+    """--reward-fn DIR: a model trained with --task reward scores prompt + completion, padded batches
+    as each row alone, and drives a GRPO run."""
+    import posttrain_gpt
+    from megalm.posttrain.preference import sequence_rewards
+    from megalm.posttrain.rewards import RewardModel
+    pairs = setup["root"] / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"prompt": f"Tell me about {i}:", "chosen": " a spider", "rejected": " seven"}) + "\n")
+    judge = setup["root"] / "judge"
+    assert posttrain_gpt.main(["--task", "reward", "--load", setup["base"], "--save", str(judge), "--data-path",
+                               str(pairs), "--micro-batch-size", "4", "--global-batch-size", "4", "--train-iters", "1",
+                               "--eval-iters", "0", "--split", "100,0,0"]) == 0
+    model = RewardModel(str(judge), torch.device("cpu"))
+    prompts = ["Tell me about 3:", [{"role": "user", "content": "What is 3?"}]]
+    completions = [" a spider has eight legs", [{"role": "assistant", "content": "Paris"}]]
+    scores = model(prompts, completions)
+    alone = [sequence_rewards(model.model, torch.tensor([model.encode(p, c)]))[0, 0].item()
+             for p, c in zip(prompts, completions)]
+    assert scores == pytest.approx(alone, abs=1e-5) and scores[0] != scores[1]
+    _, _, log = run_grpo(grpo_flags(setup, setup["root"] / "judged", "--train-iters", "1") + ["--reward-fn", str(judge)])
+    assert len(_metric(log, "rewards/judge/mean")) == 1, log
 
 
 # ---------------------------------------------------------------------------------- parallel

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from typing import Iterator, Optional
 
@@ -208,8 +209,7 @@ class GRPOTrainer(Trainer):
         self.beta = p.beta or 0.0
         self.epsilon_high = p.epsilon if p.epsilon_high is None else p.epsilon_high
         self.reward_names = list(p.reward_fn)
-        self.reward_fns = [load_reward_function(name) for name in self.reward_names]
-        self.reward_weights = torch.tensor([float(w) for w in p.reward_weights] or [1.0] * len(self.reward_fns))
+        self.reward_weights = torch.tensor([float(w) for w in p.reward_weights] or [1.0] * len(self.reward_names))
         self.reference = None
         if self.beta:
             from megalm.posttrain.reference import ReferencePolicy
@@ -220,6 +220,7 @@ class GRPOTrainer(Trainer):
     def _build(self, model_provider, datasets_provider, forward_step) -> None:
         self._check_layout()
         super()._build(model_provider, datasets_provider, forward_step)
+        self.reward_fns = [load_reward_function(name, self.state.device) for name in self.reward_names]
         self.prompts = self.datasets[0]
         self.stop_ids = stop_token_ids(self.prompts.tokenizer)
 
@@ -381,7 +382,7 @@ class GRPOTrainer(Trainer):
     def _record_rollout(self, rewards_per_func: Tensor, rewards: Tensor, std: Tensor, lengths: Tensor) -> None:
         row = {}
         for name, column in zip(self.reward_names, rewards_per_func.T):
-            short = name.rsplit(":", 1)[1]
+            short = os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name.rsplit(":", 1)[1]
             row[f"rewards/{short}/mean"] = torch.nanmean(column).item()
             row[f"rewards/{short}/std"] = nanstd(column).item()
         row["reward"] = torch.nanmean(rewards).item()
@@ -448,6 +449,10 @@ def check_grpo(config: Config) -> None:
         raise ConfigError(f"--seq-length {config.model.seq_length} leaves no room for a prompt before "
                           f"--max-completion-length {p.max_completion_length} new tokens")
     for name in p.reward_fn:
+        if os.path.isdir(name):  # a reward model, loaded with the policy
+            continue
+        if name.count(":") != 1 or not all(name.split(":")):
+            raise ConfigError(f"--reward-fn {name}: expected MODULE:FUNCTION or a reward model's checkpoint directory")
         load_reward_function(name)
 
 

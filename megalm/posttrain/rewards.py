@@ -16,14 +16,23 @@ group's mean and std and gets advantage 0 (TRL's rule).
     --reward-fn megalm.posttrain.rewards:exact_match_answer   # 1 when the answer matches "answer"
     --reward-fn megalm.posttrain.rewards:think_answer_format  # 1 for <think>..</think><answer>..</answer>
     --reward-fn megalm.posttrain.rewards:regex_match          # 1 when the completion matches "pattern"
+    --reward-fn path/to/reward_checkpoint                     # a reward model's score (--task reward)
+
+A directory instead of module:function is a reward model trained with `posttrain_gpt.py --task
+reward` (`RewardModel`): it scores prompt + completion, encoded with its own tokenizer and chat
+template as its training pairs were, at the last token, as TRL uses a sequence-classification
+model given as a reward function.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
 from typing import Callable, Optional, Sequence
+
+import torch
 
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 THINK_ANSWER = re.compile(r"^<think>.*?</think>\s*<answer>.*?</answer>$", re.DOTALL)
@@ -33,8 +42,11 @@ class RewardError(ValueError):
     """A reward function cannot be loaded or returned something unusable; the message says which."""
 
 
-def load_reward_function(name: str) -> Callable:
-    """The function of `module:function` (--reward-fn), imported now."""
+def load_reward_function(name: str, device: Optional[torch.device] = None) -> Callable:
+    """The function of `module:function` (--reward-fn), imported now, or the `RewardModel` of a
+    checkpoint directory (on `device`)."""
+    if os.path.isdir(name):
+        return RewardModel(name, device or torch.device("cpu"))
     module_name, _, attr = name.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -100,3 +112,53 @@ def regex_match(prompts, completions, completion_ids, pattern: Optional[list] = 
         raise RewardError("regex_match reads a \"pattern\" column: the prompts jsonl has none")
     return [None if p is None else float(re.fullmatch(p, completion_text(c).strip(), re.DOTALL) is not None)
             for c, p in zip(completions, pattern)]
+
+
+class RewardModel:
+    """A reward model checkpoint (`--task reward`: a GPT with its `score` head) as a reward function,
+    frozen and in eval mode. Its tokenizer and chat template are its own (the checkpoint's)."""
+
+    def __init__(self, path: str, device: torch.device, batch_size: int = 16):
+        from megalm.checkpoint.merge import checkpoint_config, open_checkpoint
+        from megalm.data.chat import load_chat_templates, tokenizer_directory
+        from megalm.data.tokenizer import build_tokenizer
+        from megalm.model import GPTModel
+        from megalm.posttrain.preference import add_score_head
+        found = open_checkpoint(path)
+        if "score.weight" not in found["model"]:
+            raise RewardError(f"--reward-fn {path}: the checkpoint has no reward head (score.weight); give a model "
+                              f"trained with posttrain_gpt.py --task reward, or a module:function")
+        config = checkpoint_config(found)
+        config.model.attention_dropout = config.model.hidden_dropout = 0.0
+        model = add_score_head(GPTModel(config.model), config)
+        model.load_state_dict(found["model"])
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.tokenizer = build_tokenizer(config.data)
+        self.templates = load_chat_templates(tokenizer_directory(config.data), self.tokenizer,
+                                             config.posttrain.chat_template)
+        self.path, self.device, self.batch_size = path, device, batch_size
+        self.__name__ = os.path.basename(os.path.normpath(path))
+
+    def encode(self, prompt, completion) -> list:
+        """prompt + completion as the reward model's training pairs were encoded (megalm.data.chat)."""
+        from megalm.data.chat import encode_sample
+        ids, _ = encode_sample({"prompt": prompt, "completion": completion}, self.tokenizer, self.templates,
+                               f"a completion scored by {self.path}")
+        return ids.tolist()
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, completion_ids=None, **columns) -> list:
+        from megalm.posttrain.preference import sequence_rewards
+        rows = [self.encode(p, c) for p, c in zip(prompts, completions)]
+        scores = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start:start + self.batch_size]
+            width = max(len(r) for r in batch)
+            tokens = torch.zeros(len(batch), width, dtype=torch.long)
+            documents = torch.ones(len(batch), width, dtype=torch.long)  # padding: document 1, not scored
+            for k, row in enumerate(batch):
+                tokens[k, :len(row)] = torch.tensor(row)
+                documents[k, :len(row)] = 0
+            scores += sequence_rewards(self.model, tokens.to(self.device), document_ids=documents.to(self.device),
+                                       num_documents=1)[:, 0].tolist()
+        return scores
