@@ -14,6 +14,14 @@ next step's first forward), and megalm / TRL. TRL truncates each sequence to --s
 the chosen and rejected rows of a batch to its longest; megalm lays each pair into one row of
 2 x --seq-length (chosen and rejected as two documents).
 
+- `bench_grpo`: posttrain_gpt.py --task grpo against TRL's GRPOTrainer without vLLM (its own
+  `model.generate`), same model, the pairs' prompts, the same reward (a regex on the completion),
+  --prompts x --num-generations completions of at most --max-completion-length tokens per optimizer
+  step, beta 0, loss dapo. A random base model rarely stops early: both generate nearly every token
+  they may. Reported: the mean step time after --warmup, split into the rollout (generation, rewards,
+  advantages; of which the generation itself, with its tokens/s) and the training (forward, backward,
+  optimizer), and TRL / megalm for each.
+
     python tools/bench/posttrain.py                      # small model, suits a CPU
     python tools/bench/posttrain.py --num-layers 16 --hidden-size 2048 --num-attention-heads 16 \\
         --seq-length 1024 --micro-batch-size 8 --steps 20            # on a GPU
@@ -165,7 +173,129 @@ def bench_dpo(args, paths: dict) -> None:
           f"megalm / TRL {ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x", flush=True)
 
 
-BENCHMARKS = {"dpo": bench_dpo}
+# Some completions match, most not: rewards with a spread, as a real task has.
+REWARD_PATTERN = r".*\b[a-z]{4}\b.*"
+
+
+class GRPOSteps:
+    """Per optimizer step: wall time, rollout time, generation time, completion tokens."""
+
+    def __init__(self):
+        self.rows = []
+
+    def summary(self, warmup: int) -> dict:
+        timed = self.rows[warmup:]
+        if not timed:
+            raise SystemExit(f"error: {len(self.rows)} steps ran, too few to time any after --warmup {warmup}")
+        mean = {key: sum(r[key] for r in timed) / len(timed) for key in timed[0]}
+        return {"step_s": mean["step_s"], "rollout_s": mean["rollout_s"], "generation_s": mean["generation_s"],
+                "training_s": mean["step_s"] - mean["rollout_s"],
+                "generated_tokens_per_s": mean["tokens"] / mean["generation_s"] if mean["generation_s"] else 0.0}
+
+
+def megalm_grpo(args, paths: dict) -> dict:
+    """posttrain_gpt.py --task grpo in this process; its step split into rollout and training."""
+    import posttrain_gpt
+    from megalm.arguments import parse_args
+    from megalm.parallel import state as parallel_state
+    from megalm.posttrain.grpo import GRPOTrainer
+    steps = GRPOSteps()
+
+    class Timed(GRPOTrainer):
+        def train_step(self, data):
+            before, start = dict(self.stats), time.perf_counter()
+            out = super().train_step(data)
+            steps.rows.append({"step_s": time.perf_counter() - start,
+                               "rollout_s": self.stats["rollout_s"] - before["rollout_s"],
+                               "generation_s": self.stats["generation_s"] - before["generation_s"],
+                               "tokens": self.stats["generated_tokens"] - before["generated_tokens"]})
+            return out
+
+    completions = str(args.prompts * args.num_generations)
+    argv = ["--task", "grpo", "--load", paths["base"], "--data-path", paths["prompts"],
+            "--reward-fn", "megalm.posttrain.rewards:regex_match", "--num-generations", str(args.num_generations),
+            "--max-completion-length", str(args.max_completion_length), "--micro-batch-size", completions,
+            "--global-batch-size", completions, "--train-iters", str(args.warmup + args.steps), "--lr", "1e-5",
+            "--loss-type", "dapo", "--log-interval", "1000000", "--eval-iters", "0", "--seed", str(args.seed),
+            "--seq-length", str(args.seq_length)]
+    config, ns = parse_args(argv, sections=posttrain_gpt.SECTIONS)
+    posttrain_gpt.resume_or_start(config, ns)
+    config.validate()
+    posttrain_gpt.check_task(config)
+    posttrain_gpt.set_vocabulary(config)
+    trainer = Timed(config, posttrain_gpt.model_provider, posttrain_gpt.datasets_provider, log_stream=io.StringIO())
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+        parallel_state.destroy()
+    return steps.summary(args.warmup)
+
+
+def trl_grpo(args, paths: dict) -> dict:
+    """TRL's GRPOTrainer without vLLM (its model.generate) in this process, timed the same way."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from megalm.posttrain.rewards import regex_match
+    steps, current = GRPOSteps(), {}
+
+    class Timed(GRPOTrainer):
+        def training_step(self, model, inputs, num_items_in_batch):
+            now = time.perf_counter()  # one training_step per optimizer step (no accumulation)
+            if current:
+                steps.rows.append({"step_s": now - current["start"], "rollout_s": current["rollout_s"],
+                                   "generation_s": current["generation_s"], "tokens": current["tokens"]})
+            current.update(start=now, rollout_s=0.0, generation_s=0.0, tokens=0)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def _generate_and_score_completions(self, inputs):
+            start = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            current["rollout_s"] += time.perf_counter() - start
+            current["tokens"] += int(out["completion_mask"].sum())
+            return out
+
+        def _generate(self, prompts):
+            start = time.perf_counter()
+            out = super()._generate(prompts)
+            current["generation_s"] += time.perf_counter() - start
+            return out
+
+    completions = args.prompts * args.num_generations
+    config = GRPOConfig(
+        output_dir=os.path.join(args.work_dir, "trl_grpo"), num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length, per_device_train_batch_size=completions,
+        gradient_accumulation_steps=1, steps_per_generation=1, temperature=1.0, beta=0.0, loss_type="dapo",
+        learning_rate=1e-5, max_steps=args.warmup + args.steps + 1, logging_steps=1000000, save_strategy="no",
+        report_to="none", use_cpu=not torch.cuda.is_available(), bf16=False, seed=args.seed,
+        dataloader_num_workers=0, disable_tqdm=True, use_vllm=False)
+    model = AutoModelForCausalLM.from_pretrained(paths["hf"], dtype=torch.float32)
+    trainer = Timed(model=model, reward_funcs=regex_match, args=config,
+                    train_dataset=load_dataset("json", data_files=paths["prompts"], split="train"),
+                    processing_class=AutoTokenizer.from_pretrained(paths["tok"]))  # with the chat template
+    trainer.train()
+    return steps.summary(args.warmup)
+
+
+def bench_grpo(args, paths: dict) -> None:
+    paths = dict(paths, prompts=os.path.join(args.work_dir, "prompts.jsonl"))
+    with open(paths["prompts"], "w") as f:
+        for pair in preference_pairs(args.pairs, args.seed):
+            f.write(json.dumps({"prompt": pair["prompt"], "pattern": REWARD_PATTERN}) + "\n")
+    ours, theirs = megalm_grpo(args, paths), trl_grpo(args, paths)
+    for name, r in (("megalm", ours), ("TRL GRPOTrainer", theirs)):
+        print(f"GRPO {name}: step {r['step_s']:.3f}s = rollout {r['rollout_s']:.3f}s (generation "
+              f"{r['generation_s']:.3f}s, {r['generated_tokens_per_s']:.0f} tok/s) + training {r['training_s']:.3f}s",
+              flush=True)
+    print(f"GRPO TRL / megalm: step {theirs['step_s'] / ours['step_s']:.2f}x, generation "
+          f"{theirs['generation_s'] / ours['generation_s']:.2f}x, training "
+          f"{theirs['training_s'] / ours['training_s']:.2f}x", flush=True)
+
+
+BENCHMARKS = {"dpo": bench_dpo, "grpo": bench_grpo}
 
 
 def main(argv=None) -> int:
@@ -186,6 +316,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--prompts", type=int, default=4, help="grpo: prompts per step")
+    parser.add_argument("--num-generations", type=int, default=8, help="grpo: completions per prompt")
+    parser.add_argument("--max-completion-length", type=int, default=64, help="grpo: most new tokens")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         args.work_dir = args.work_dir or scratch
