@@ -66,3 +66,36 @@ def test_exported_reward_model_scores_as_transformers(trained, tmp_path):
         assert ours == pytest.approx(theirs, abs=1e-5)
         scores.append(ours)
     assert scores[0] > scores[1]  # the trained preference survives the export
+
+
+def test_lora_reward_model_merges_and_exports(trained, tmp_path):
+    """LoRA adapters and the trained head: merged by tools/lora.py, exported, scored by transformers."""
+    import sys
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from megalm.checkpoint.merge import checkpoint_config, open_checkpoint
+    from megalm.convert.hf import megalm_to_hf
+    from megalm.model import GPTModel
+    from megalm.posttrain.preference import add_score_head, sequence_rewards
+    save = tmp_path / "lora"
+    out = posttrain("--task", "reward", "--load", trained["base"], "--save", str(save), "--data-path",
+                    trained["data"], "--micro-batch-size", "4", "--global-batch-size", "4", "--lr", "1e-2",
+                    "--train-iters", "2", "--log-interval", "1", "--eval-iters", "0", "--split", "80,20,0",
+                    "--lora-rank", "4", "--lora-target-modules", "all-linear")
+    assert "trainable" in out
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import lora as lora_tool
+    assert lora_tool.main(["merge", "--load", str(save), "--save", str(tmp_path / "merged")]) == 0
+    megalm_to_hf(str(tmp_path / "merged"), str(tmp_path / "hf"), log=lambda *a: None)
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    found = open_checkpoint(str(tmp_path / "merged"))
+    config = checkpoint_config(found)
+    model = add_score_head(GPTModel(config.model), config)
+    model.load_state_dict(found["model"])
+    ids = torch.tensor([tokenizer("Hello apple, what is your name? I do not know.<|endoftext|>",
+                                  add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert sequence_rewards(model.eval(), ids)[0, 0].item() == pytest.approx(hf(input_ids=ids).logits[0, 0].item(),
+                                                                                 abs=1e-5)

@@ -437,6 +437,14 @@ def lora_model(config: Config, device=None) -> GPTModel:
     with torch.device(device or "cpu"):
         model = GPTModel(config.model)
     apply_lora(model, dataclasses.replace(config.posttrain, lora_base_quantization=None))
+    return task_head(model, config)
+
+
+def task_head(model: GPTModel, config: Config) -> GPTModel:
+    """`model` with the head its task adds beside the adapters: a reward model's `score`."""
+    if config.posttrain.task == "reward":
+        from megalm.posttrain.preference import add_score_head
+        add_score_head(model, config)
     return model
 
 
