@@ -484,9 +484,9 @@ class PostTrainConfig:
     epsilon: float = opt(0.2, "grpo: lower clipping range of the probability ratio.", group="GRPO")
     epsilon_high: Optional[float] = opt(None, "grpo: upper clipping range (default --epsilon; DAPO uses 0.28).",
                                         group="GRPO")
-    beta: Optional[float] = opt(None, "The strength of the pull to the reference model. grpo: coefficient of the "
-                                "KL to it (k3 estimator; default 0, which builds no reference model).",
-                                group="post-training")
+    beta: Optional[float] = opt(None, "The strength of the pull to the reference model. dpo: the beta of the loss "
+                                "(default 0.1); grpo: the coefficient of the KL to it (k3 estimator; default 0, "
+                                "which builds no reference model).", group="post-training")
     num_iterations: int = opt(1, "grpo: optimizer steps on each batch of rollouts (mu); rollouts are generated "
                               "every mu iterations.", group="GRPO")
 
