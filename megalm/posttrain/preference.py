@@ -43,6 +43,7 @@ from megalm.posttrain.reference import ReferencePolicy
 from megalm.training.trainer import model_inputs
 
 DEFAULT_BETA = 0.1
+PAD_MULTIPLE = 64  # rows are cut to a multiple of this (times the tensor-parallel size), not shorter
 
 
 def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Optional[Tensor],
@@ -118,6 +119,18 @@ class PairMetrics:
         return {name: v / count for name, v in zip(self.NAMES, values[:-1].tolist())}
 
 
+def pair_inputs(batch: dict, model: nn.Module) -> dict:
+    """The model inputs of a micro-batch of pair rows, cut after the last position any row's pair
+    fills (rounded up to PAD_MULTIPLE x TP, as sequence parallelism splits the sequence): the padding
+    behind it is attended by nothing before it, so cutting it changes no output, only the cost."""
+    gpt = unwrap(model)
+    inputs = model_inputs(batch, next(gpt.parameters()).device)
+    multiple = PAD_MULTIPLE * gpt.parallel.tensor_model_parallel_size
+    used = int((inputs["document_ids"] < 2).sum(1).max())
+    length = min(inputs["tokens"].shape[1], -(-used // multiple) * multiple)
+    return {key: value[:, :length] for key, value in inputs.items()}
+
+
 def _split(model: nn.Module) -> str:
     return "train" if unwrap(model).training else "eval"
 
@@ -149,7 +162,7 @@ class DPOStep:
                                  inputs["document_ids"], 2)
 
     def __call__(self, batch: dict, model: nn.Module) -> Tensor:
-        inputs = model_inputs(batch, next(model.parameters()).device)
+        inputs = pair_inputs(batch, model)
         logps, counts = self.sequence_logprobs(model, inputs)
         ref = None
         if self.loss_type != "simpo":
@@ -212,7 +225,7 @@ class RewardStep:
         self.stats = PairMetrics()
 
     def __call__(self, batch: dict, model: nn.Module) -> Tensor:
-        inputs = model_inputs(batch, next(model.parameters()).device)
+        inputs = pair_inputs(batch, model)
         rewards = sequence_rewards(model, inputs["tokens"], inputs["position_ids"], inputs["document_ids"], 2)
         margin = batch["margin"].to(rewards.device).float() if "margin" in batch else None
         self.stats.add(_split(model), rewards[:, 0], rewards[:, 1])
@@ -259,7 +272,7 @@ def precompute_reference_logprobs(dataset, step: DPOStep, policy: nn.Module, con
         chunk = mine[start:start + size]
         batch = collate_tokens([dataset[first_index[row]] for row in chunk])
         with autocast(device, compute_dtype(config.train)):
-            logps[chunk] = step.reference_logprobs(policy, model_inputs(batch, device))
+            logps[chunk] = step.reference_logprobs(policy, pair_inputs(batch, policy))
     if p.data_parallel_size > 1:
         dist.all_reduce(logps, group=p.data_parallel_group)
     return WithReferenceLogprobs(dataset, logps.cpu())
