@@ -56,7 +56,8 @@ from megalm.config import Config, ConfigError
 from megalm.data.errors import DataError
 from megalm.data.tokenizer.base import EOD_TOKENS
 from megalm.model.generation import SamplingParams, generate
-from megalm.posttrain.logprobs import IGNORE_INDEX, token_entropy, token_logprobs, vocab_logits
+from megalm.model.moe import moe_aux_loss
+from megalm.posttrain.logprobs import IGNORE_INDEX, token_entropy, token_logprobs, unwrap, vocab_logits
 from megalm.posttrain.rewards import call_reward, load_reward_function
 from megalm.training.trainer import Trainer
 
@@ -115,9 +116,12 @@ class PromptDataset:
 
     def positions(self, start: int, count: int, seed: int) -> list:
         """The prompt indices at positions [start, start + count) of the epoch-shuffled stream."""
-        out, n = [], len(self)
+        out, n, orders = [], len(self), {}
         for q in range(start, start + count):
-            out.append(int(self.order(q // n, seed)[q % n]))
+            epoch = q // n
+            if epoch not in orders:
+                orders[epoch] = self.order(epoch, seed)
+            out.append(int(orders[epoch][q % n]))
         return out
 
 
@@ -306,8 +310,9 @@ class GRPOTrainer(Trainer):
         st = self.state
         if st.data_parallel_size == 1:
             return x
+        x = x.to(st.device) if st.backend == "nccl" else x
         parts = [torch.empty_like(x) for _ in range(st.data_parallel_size)]
-        dist.all_gather(parts, x.to(st.device) if st.backend == "nccl" else x, group=st.data_parallel_group)
+        dist.all_gather(parts, x, group=st.data_parallel_group)
         return torch.cat([part.cpu() for part in parts])
 
     def _micro_batches(self, prompt_ids: list, completion_ids: list, advantages: Tensor) -> list:
@@ -370,7 +375,8 @@ class GRPOTrainer(Trainer):
                       low.sum(), high.sum(), (low | high).sum()]
             self.token_stats += torch.tensor([float(v) for v in values])
             self.stats["trained_tokens"] += int(batch["row_tokens"])
-        return loss
+        aux = moe_aux_loss(unwrap(model))  # MoE policies: their balancing losses too
+        return loss if aux is None else loss + aux
 
     # -- logging
 
