@@ -55,7 +55,7 @@ def model_provider(config: Config, parallel: Optional[ParallelState] = None, vir
             where = "" if parallel is None or not parallel.model_parallel else f" (rank 0's share, chunk {virtual_stage})"
             print(describe(model, config.posttrain) + where, flush=True)
     if config.posttrain.task == "reward" and model.post_process:
-        from megalm.posttrain.preference import add_score_head
+        from megalm.posttrain.heads import add_score_head
         add_score_head(model, config)
     return model
 
@@ -66,8 +66,9 @@ def datasets_provider(config: Config, num_samples):
     if config.posttrain.task == "grpo":
         from megalm.posttrain.grpo import build_prompt_dataset
         return build_prompt_dataset(config), None, None
-    from megalm.data.sft_dataset import build_sft_datasets
-    kind = "preference" if config.posttrain.task in PREFERENCE_TASKS else "sft"
+    from megalm.data.preference_dataset import PREFERENCE
+    from megalm.data.sft_dataset import SFT, build_sft_datasets
+    kind = PREFERENCE if config.posttrain.task in PREFERENCE_TASKS else SFT
     datasets = build_sft_datasets(config.data, config.posttrain, config.model.seq_length, config.train.seed,
                                   num_samples=num_samples, kind=kind)
     if config.posttrain.teacher_logits:

@@ -123,13 +123,14 @@ def _batch_and_models(setup):
     import posttrain_gpt
     from megalm.arguments import parse_args
     from megalm.data.loader import collate_tokens
+    from megalm.data.preference_dataset import PREFERENCE
     from megalm.data.sft_dataset import build_sft_datasets
     from megalm.model import GPTModel
     config, _ = parse_args(["--task", "dpo", "--data-path", setup["data"], "--tokenizer-type", "HuggingFaceTokenizer",
                             "--tokenizer-model", os.path.join(setup["tok"], "tokenizer.json"), *MODEL,
                             "--train-iters", "1", "--split", "100,0,0"], sections=posttrain_gpt.SECTIONS)
     posttrain_gpt.set_vocabulary(config)
-    train = build_sft_datasets(config.data, config.posttrain, 128, 1, kind="preference")[0]
+    train = build_sft_datasets(config.data, config.posttrain, 128, 1, kind=PREFERENCE)[0]
     batch = collate_tokens([train[i] for i in range(4)])
     torch.manual_seed(0)
     policy = GPTModel(config.model)

@@ -41,7 +41,8 @@ def test_exported_reward_model_scores_as_transformers(trained, tmp_path):
     from megalm.checkpoint.merge import checkpoint_config, open_checkpoint
     from megalm.convert.hf import megalm_to_hf
     from megalm.model import GPTModel
-    from megalm.posttrain.preference import add_score_head, sequence_rewards
+    from megalm.posttrain.heads import add_score_head
+    from megalm.posttrain.preference import sequence_rewards
     hf_dir = str(tmp_path / "hf")
     megalm_to_hf(trained["save"], hf_dir, log=lambda *a: None)
     with open(os.path.join(hf_dir, "config.json")) as f:
@@ -77,7 +78,8 @@ def test_lora_reward_model_merges_and_exports(trained, tmp_path):
     from megalm.checkpoint.merge import checkpoint_config, open_checkpoint
     from megalm.convert.hf import megalm_to_hf
     from megalm.model import GPTModel
-    from megalm.posttrain.preference import add_score_head, sequence_rewards
+    from megalm.posttrain.heads import add_score_head
+    from megalm.posttrain.preference import sequence_rewards
     save = tmp_path / "lora"
     out = posttrain("--task", "reward", "--load", trained["base"], "--save", str(save), "--data-path",
                     trained["data"], "--micro-batch-size", "4", "--global-batch-size", "4", "--lr", "1e-2",

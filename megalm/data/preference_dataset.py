@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from megalm.data.errors import DataError
-from megalm.data.sft_dataset import IGNORE_INDEX, SFTDataset, TokenizedSamples
+from megalm.data.sft_dataset import IGNORE_INDEX, SampleKind, SFTDataset, TokenizedSamples
 
 logger = logging.getLogger(__name__)
 
@@ -162,3 +162,13 @@ class PreferenceDataset(SFTDataset):
         pair = self.pairs[int(self.order[i])]
         item["margin"] = torch.tensor(float(self.margins[pair]) if self.margins is not None else 0.0)
         return item
+
+
+def _dataset(samples, pair_ids, seq_length, pad_id, seed, posttrain_config, num_samples, name,
+             paths) -> PreferenceDataset:
+    return PreferenceDataset(samples, pair_ids, seq_length, pad_id, seed, num_samples, name, read_margins(paths),
+                             shifted=posttrain_config.task != "reward")
+
+
+# For megalm.data.sft_dataset.build_sft_datasets(..., kind=PREFERENCE): a line is a pair, two samples.
+PREFERENCE = SampleKind("preference", "preference pairs", encode_preference, 2, _dataset)

@@ -41,7 +41,7 @@ import json
 import logging
 import os
 from collections import Counter
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -77,14 +77,25 @@ class TokenizedSamples:
 # ---- tokenizing and caching ----------------------------------------------------------------------
 
 
+class SampleKind(NamedTuple):
+    """What the lines of a jsonl file are, for the functions here: the name its cache and messages
+    use, `encode(record, tokenizer, templates, where, notes)` -> the [(ids, mask)] samples of one
+    line, how many samples a line makes (the unit `--split` divides), and `dataset(samples,
+    unit_ids, seq_length, pad_id, seed, posttrain_config, num_samples, name, paths)` -> a Dataset."""
+    name: str
+    what: str
+    encode: Callable
+    samples_per_line: int
+    dataset: Callable
+
+
 def tokenize_file(path: str, tokenizer, templates: dict, progress: Optional[bool] = None,
-                  kind: str = "sft") -> TokenizedSamples:
-    """Tokenize every sample of a jsonl file (blank lines skipped); errors name the line. `kind`
-    "preference": each line is a preference pair, two samples (chosen, then rejected; see
-    `megalm.data.preference_dataset`)."""
+                  kind: Optional[SampleKind] = None) -> TokenizedSamples:
+    """Tokenize every sample of a jsonl file (blank lines skipped); errors name the line. `kind`:
+    what a line is (default SFT samples, one per line)."""
     from megalm.data.progress import Progress
 
-    encode = _ENCODERS[kind]
+    encode = (kind or SFT).encode
     tokens, masks, lengths, notes, records = [], [], [], Counter(), 0
     with open(path, "rb") as f, Progress(f"tokenizing {os.path.basename(path)}", os.path.getsize(path),
                                          enabled=progress) as bar:
@@ -114,19 +125,6 @@ def tokenize_file(path: str, tokenizer, templates: dict, progress: Optional[bool
                        path, notes["merged_across_turns"], len(lengths))
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     return TokenizedSamples(np.concatenate(tokens), np.concatenate(masks), offsets, path)
-
-
-def _encode_sft(record, tokenizer, templates: dict, where: str, notes: Counter) -> list:
-    from megalm.data.chat import encode_sample
-    return [encode_sample(record, tokenizer, templates, where, notes)]
-
-
-def _encode_preference(record, tokenizer, templates: dict, where: str, notes: Counter) -> list:
-    from megalm.data.preference_dataset import encode_preference
-    return encode_preference(record, tokenizer, templates, where, notes)
-
-
-_ENCODERS = {"sft": _encode_sft, "preference": _encode_preference}
 
 
 def _parse_line(line: bytes, where: str):
@@ -160,19 +158,20 @@ def _file_digest(path: str, digest=None) -> str:
 
 
 def tokenized_file(path: str, tokenizer, templates: dict, cache_path: Optional[str] = None,
-                   progress: Optional[bool] = None, kind: str = "sft") -> TokenizedSamples:
+                   progress: Optional[bool] = None, kind: Optional[SampleKind] = None) -> TokenizedSamples:
     """The tokenized samples of `path` (`tokenize_file`), from the cache when it holds them (built
     and cached otherwise; rank 0 first in a distributed run)."""
+    kind = kind or SFT
     if not os.path.isfile(path):
-        raise DataError(f"--data-path {path}: no such file; give jsonl files of {_KIND_NAMES[kind]}")
+        raise DataError(f"--data-path {path}: no such file; give jsonl files of {kind.what}")
     description = {
-        "class": "TokenizedSamples", "format": CACHE_FORMAT, "kind": kind, "data": _file_digest(path),
+        "class": "TokenizedSamples", "format": CACHE_FORMAT, "kind": kind.name, "data": _file_digest(path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "templates": {name: [t.text, t.special_tokens] for name, t in sorted(templates.items())},
     }
     key = hashlib.md5(json.dumps(description, sort_keys=True).encode()).hexdigest()
     directory = cache_path or os.path.join(os.path.dirname(os.path.abspath(path)), "cache")
-    stem = os.path.join(directory, f"{os.path.basename(path)}-{kind}-{key}")
+    stem = os.path.join(directory, f"{os.path.basename(path)}-{kind.name}-{key}")
 
     def load_or_build() -> TokenizedSamples:
         cached = _load_cached(stem, path)
@@ -185,7 +184,6 @@ def tokenized_file(path: str, tokenizer, templates: dict, cache_path: Optional[s
     return _rank_zero_first(load_or_build)
 
 
-_KIND_NAMES = {"sft": "SFT samples", "preference": "preference pairs"}
 _CACHE_PARTS = {"tokens": np.int32, "loss_mask": np.uint8, "offsets": np.int64}
 
 
@@ -381,24 +379,26 @@ def pad_token_id(tokenizer) -> int:
 
 def build_sft_datasets(data_config, posttrain_config, seq_length: int, seed: int, tokenizer=None,
                        num_samples: Optional[Sequence[Optional[int]]] = None, progress: Optional[bool] = None,
-                       kind: str = "sft"):
+                       kind: Optional[SampleKind] = None):
     """(train, valid, test) SFTDatasets for the jsonl files of `--data-path`, None for a split whose
     `--split` weight is 0 (or, for valid and test, that gets no sample). Several files are read as
-    one dataset. `num_samples` asks each split for at least that many rows (more epochs). `kind`
-    "preference": files of preference pairs, split by pair, into `PreferenceDataset`s."""
+    one dataset. `num_samples` asks each split for at least that many rows (more epochs). `kind`:
+    what the lines are and the datasets they make (default SFT samples; preference pairs:
+    `megalm.data.preference_dataset.PREFERENCE`)."""
     from megalm.data.builder import SPLIT_NAMES, parse_split, split_ranges
     from megalm.data.chat import load_chat_templates, tokenizer_directory
-    from megalm.data.preference_dataset import PreferenceDataset, read_margins
     from megalm.data.tokenizer import build_tokenizer
+
+    kind = kind or SFT
 
     paths = [str(p) for p in data_config.data_path or []]
     if not paths:
-        raise DataError(f"--data-path is empty: give jsonl files of {_KIND_NAMES[kind]}")
+        raise DataError(f"--data-path is empty: give jsonl files of {kind.what}")
     tokenizer = tokenizer or build_tokenizer(data_config)
     templates = load_chat_templates(tokenizer_directory(data_config), tokenizer, posttrain_config.chat_template)
     files = [tokenized_file(p, tokenizer, templates, data_config.data_cache_path, progress, kind) for p in paths]
     samples = _concatenate(files)
-    per_unit = 2 if kind == "preference" else 1  # samples per unit of the split (a pair: chosen, rejected)
+    per_unit = kind.samples_per_line
     split = parse_split(data_config.split)
     ranges, first = [[] for _ in SPLIT_NAMES], 0
     for part in files:
@@ -417,14 +417,8 @@ def build_sft_datasets(data_config, posttrain_config, seq_length: int, seed: int
                             f"split any (--split {data_config.split}); use more samples or change --split")
         requested = num_samples[s] if num_samples else None
         try:
-            if kind == "preference":
-                datasets.append(PreferenceDataset(samples, ids, seq_length, pad_token_id(tokenizer), seed, requested,
-                                                  name, read_margins(paths),
-                                                  shifted=posttrain_config.task != "reward"))
-            else:
-                datasets.append(SFTDataset(samples, ids, seq_length, pad_token_id(tokenizer), seed,
-                                           posttrain_config.packing, posttrain_config.train_on_prompt, requested,
-                                           name))
+            datasets.append(kind.dataset(samples, ids, seq_length, pad_token_id(tokenizer), seed, posttrain_config,
+                                         requested, name, paths))
         except DataError as e:
             if name == "train":
                 raise
@@ -441,3 +435,16 @@ def _concatenate(files: list) -> TokenizedSamples:
     return TokenizedSamples(np.concatenate([f.tokens for f in files]),
                             np.concatenate([f.loss_mask for f in files]),
                             np.concatenate(offsets), ", ".join(f.path for f in files))
+
+
+def _encode_sft(record, tokenizer, templates: dict, where: str, notes: Counter) -> list:
+    from megalm.data.chat import encode_sample
+    return [encode_sample(record, tokenizer, templates, where, notes)]
+
+
+def _sft_dataset(samples, ids, seq_length, pad_id, seed, posttrain_config, num_samples, name, paths) -> SFTDataset:
+    return SFTDataset(samples, ids, seq_length, pad_id, seed, posttrain_config.packing,
+                      posttrain_config.train_on_prompt, num_samples, name)
+
+
+SFT = SampleKind("sft", "SFT samples", _encode_sft, 1, _sft_dataset)

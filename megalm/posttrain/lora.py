@@ -443,7 +443,7 @@ def lora_model(config: Config, device=None) -> GPTModel:
 def task_head(model: GPTModel, config: Config) -> GPTModel:
     """`model` with the head its task adds beside the adapters: a reward model's `score`."""
     if config.posttrain.task == "reward":
-        from megalm.posttrain.preference import add_score_head
+        from megalm.posttrain.heads import add_score_head
         add_score_head(model, config)
     return model
 

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalm.config import Config
-from megalm.model.init import normal_init
 from megalm.model.moe import moe_aux_loss
 from megalm.parallel import mappings
+from megalm.posttrain.heads import add_score_head  # noqa: F401  (part of this module's API)
 from megalm.posttrain.logprobs import IGNORE_INDEX, document_logprobs, document_sums, token_logprobs, unwrap, vocab_logits
 from megalm.posttrain.reference import ReferencePolicy
 from megalm.training.trainer import model_inputs
@@ -178,19 +178,6 @@ class DPOStep:
 
     def metrics(self, split: str, group=None) -> dict:
         return self.stats.read(split, group)
-
-
-def add_score_head(model: nn.Module, config: Config) -> nn.Module:
-    """Give the GPTModel `model` its reward head `score` (Linear(h, 1, bias=False), initialised as
-    Hugging Face initialises it: normal with --init-method-std), trainable, and freeze the output
-    layer, which a reward model does not use."""
-    head = nn.Linear(config.model.hidden_size, 1, bias=False)
-    normal_init(config.model.init_method_std)(head.weight)
-    head.weight.adapter = True  # absent from the base checkpoint (see Trainer._load_weights)
-    model.score = head
-    if model.output_layer is not None:
-        model.output_layer.weight.requires_grad_(False)
-    return model
 
 
 def last_token_index(document_ids: Tensor, num_documents: int = 2) -> Tensor:
