@@ -439,8 +439,8 @@ class PostTrainConfig:
     dpo_loss: str = opt("sigmoid", "dpo: the preference loss of the log-ratio margin (TRL's formulas): sigmoid "
                         "(DPO), ipo, hinge (SLiC), robust (rDPO), cdpo (conservative DPO), simpo (reference-free, "
                         "length-normalised, with --simpo-gamma).", choices=DPO_LOSSES, group="DPO")
-    label_smoothing: float = opt(0.0, "dpo --dpo-loss robust / cdpo: the assumed probability that a pair's "
-                                 "preference is flipped, in [0, 0.5).", group="DPO")
+    label_smoothing: float = opt(0.0, "dpo --dpo-loss robust / cdpo / simpo: the assumed probability that a "
+                                 "pair's preference is flipped, in [0, 0.5).", group="DPO")
     simpo_gamma: float = opt(0.5, "dpo --dpo-loss simpo: the target reward margin gamma.", group="DPO")
     precompute_ref_logps: bool = opt(False, "dpo: compute the reference model's log-probabilities of every pair "
                                      "once before training (then no reference model is held while training).",
