@@ -208,7 +208,7 @@ def run_grpo(flags, trainer_class=GRPOTrainer):
 
 
 def _metric(log: str, name: str) -> list:
-    return [float(x) for x in re.findall(rf"^grpo \d+ .*?\| {re.escape(name)} ([-\d.e]+)", log, re.M)]
+    return [float(x) for x in re.findall(rf"^grpo \d+ .*?\| {re.escape(name)} ([-+\d.e]+)", log, re.M)]
 
 
 def test_toy_reward_rises_and_beta_zero_holds_no_reference(setup):
