@@ -123,7 +123,7 @@ class RewardModel:
         from megalm.data.chat import load_chat_templates, tokenizer_directory
         from megalm.data.tokenizer import build_tokenizer
         from megalm.model import GPTModel
-        from megalm.posttrain.preference import add_score_head
+        from megalm.posttrain.heads import add_score_head
         found = open_checkpoint(path)
         if "score.weight" not in found["model"]:
             raise RewardError(f"--reward-fn {path}: the checkpoint has no reward head (score.weight); give a model "

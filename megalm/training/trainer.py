@@ -471,7 +471,7 @@ class Trainer:
     # -- the loop
 
     def train(self) -> TrainState:
-        c, t, st, ts = self.config, self.config.train, self.state, self.train_state
+        t, st, ts = self.config.train, self.state, self.train_state
         train_ds, valid_ds, test_ds = self.datasets
         data = self.data_iterator(train_ds, ts.consumed_samples)
         for chunk in self.chunks:
