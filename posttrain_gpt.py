@@ -7,6 +7,10 @@
     python posttrain_gpt.py --task distill --load STUDENT --teacher-load TEACHER --save OUT \\
         --data-path chat.jsonl --kd-loss jsd --kd-beta 0.5 --kd-ratio 0.5 ...
 
+    python posttrain_gpt.py --task grpo --load SFT --save OUT --data-path prompts.jsonl \\
+        --reward-fn megalm.posttrain.rewards:exact_match_answer --num-generations 8 \\
+        --max-completion-length 64 --micro-batch-size 16 --global-batch-size 64 ...
+
     torchrun --nproc-per-node 8 posttrain_gpt.py ...   # the parallel layouts of pretrain_gpt.py
 
 `--load` is the model to start from (a megalm checkpoint, e.g. one imported from Hugging Face with
@@ -19,6 +23,7 @@ pre-training runs the loop (`megalm.training.trainer.pretrain`): flags, logs, ch
 parallelism are those of pretrain_gpt.py (see `--help`).
 """
 
+import functools
 import os
 import sys
 from typing import Optional
@@ -36,6 +41,7 @@ from megalm.training.launch import report_error
 from megalm.training.trainer import TrainingError, gpt_forward_step, model_inputs, pretrain
 
 SECTIONS = COMMON_SECTIONS + ("posttrain",)
+PREFERENCE_TASKS = ("dpo", "reward")  # trained on {"prompt", "chosen", "rejected"} pairs
 
 def model_provider(config: Config, parallel: Optional[ParallelState] = None, virtual_stage: int = 0) -> GPTModel:
     """This rank's part of the model, with LoRA / QLoRA adapters when --lora-rank asks for them."""
@@ -48,14 +54,23 @@ def model_provider(config: Config, parallel: Optional[ParallelState] = None, vir
         if parallel is None or parallel.is_main:
             where = "" if parallel is None or not parallel.model_parallel else f" (rank 0's share, chunk {virtual_stage})"
             print(describe(model, config.posttrain) + where, flush=True)
+    if config.posttrain.task == "reward" and model.post_process:
+        from megalm.posttrain.heads import add_score_head
+        add_score_head(model, config)
     return model
 
 
 def datasets_provider(config: Config, num_samples):
-    """(train, valid, test) rows of the jsonl samples: tokens, labels, position and document ids."""
-    from megalm.data.sft_dataset import build_sft_datasets
+    """(train, valid, test) rows of the jsonl samples: tokens, labels, position and document ids
+    (grpo: the prompts, for training only)."""
+    if config.posttrain.task == "grpo":
+        from megalm.posttrain.grpo import build_prompt_dataset
+        return build_prompt_dataset(config), None, None
+    from megalm.data.preference_dataset import PREFERENCE
+    from megalm.data.sft_dataset import SFT, build_sft_datasets
+    kind = PREFERENCE if config.posttrain.task in PREFERENCE_TASKS else SFT
     datasets = build_sft_datasets(config.data, config.posttrain, config.model.seq_length, config.train.seed,
-                                  num_samples=num_samples)
+                                  num_samples=num_samples, kind=kind)
     if config.posttrain.teacher_logits:
         from megalm.posttrain.teacher_cache import with_teacher_logits
         datasets = with_teacher_logits(datasets, config.posttrain.teacher_logits)
@@ -103,6 +118,28 @@ class DistillStep:
         return loss if aux is None else loss + aux
 
 
+def preference_run(config: Config, base: Optional[str]):
+    """(model provider, datasets provider, forward step) of --task dpo / reward. `base` is the
+    checkpoint training started from: the reference policy. With --precompute-ref-logps the
+    reference log-probabilities of every pair are computed once the model is built, before training."""
+    from megalm.posttrain.preference import DPOStep, RewardStep, precompute_reference_logprobs
+    if config.posttrain.task == "reward":
+        return model_provider, datasets_provider, RewardStep(config)
+    step = DPOStep(config, config.posttrain.ref_load or base)
+    if not config.posttrain.precompute_ref_logps:
+        return model_provider, datasets_provider, step
+    built = []
+
+    def keeping_model(config, parallel=None, virtual_stage=0):
+        built.append(model_provider(config, parallel, virtual_stage))
+        return built[-1]
+
+    def with_reference(config, num_samples):
+        return tuple(None if d is None else precompute_reference_logprobs(d, step, built[0], config)
+                     for d in datasets_provider(config, num_samples))
+    return keeping_model, with_reference, step
+
+
 def resume_or_start(config: Config, ns) -> None:
     """Point --load at this run's own newest checkpoint when --save has one (resume), else at the
     base model (weights only, iteration 0). The model flags not given, and the tokenizer when
@@ -145,15 +182,33 @@ def check_task(config: Config) -> None:
                           "pipeline parallelism (--pipeline-model-parallel-size 1; use tensor or data parallelism)")
     if p.teacher_load and not os.path.isdir(p.teacher_load):
         raise ConfigError(f"--teacher-load {p.teacher_load}: no such checkpoint directory")
+    if p.task in PREFERENCE_TASKS and par.pipeline_model_parallel_size > 1:
+        raise ConfigError(f"--task {p.task} computes its loss from the whole model's output: it runs without "
+                          f"pipeline parallelism (--pipeline-model-parallel-size 1; use tensor or data parallelism)")
+    if p.ref_load and not os.path.isdir(p.ref_load):
+        raise ConfigError(f"--ref-load {p.ref_load}: no such checkpoint directory")
+    if p.task == "grpo":
+        from megalm.posttrain.grpo import check_grpo
+        check_grpo(config)
 
 
 def main(argv=None) -> int:
     try:
         config, ns = parse_args(argv, description=__doc__.split("\n\n")[0], sections=SECTIONS)
+        base = config.train.load  # the starting model, also when the run resumes from --save
         resume_or_start(config, ns)
         config.validate()
         check_task(config)
         set_vocabulary(config)
+        if config.posttrain.task == "grpo":
+            from megalm.posttrain.grpo import GRPOTrainer
+            # The trainer makes its micro-batches (rollouts) and its loss.
+            pretrain(config, model_provider, datasets_provider, trainer_class=functools.partial(
+                GRPOTrainer, reference_path=base))
+            return 0
+        if config.posttrain.task in PREFERENCE_TASKS:
+            pretrain(config, *preference_run(config, base))
+            return 0
         # sft: the mean cross-entropy over the tokens with a label, as pre-training computes it
         step = gpt_forward_step if config.posttrain.task == "sft" else DistillStep(config)
         pretrain(config, model_provider, datasets_provider, step)

@@ -445,8 +445,11 @@ class DataConfig:
 
 
 # The --task values of posttrain_gpt.py.
-POSTTRAIN_TASKS = ("sft", "distill")
+POSTTRAIN_TASKS = ("sft", "distill", "grpo", "dpo", "reward")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "cdpo", "simpo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
 
 
 @dataclass
@@ -473,6 +476,21 @@ class PostTrainConfig:
     lora_base_quantization: Optional[str] = opt(
         None, "QLoRA: hold the frozen base weights of the adapted layers quantized (weight-only, "
         "per-group) and de-quantize them in the forward pass.", choices=["int8", "int4"], group="LoRA")
+    dpo_loss: str = opt("sigmoid", "dpo: the preference loss of the log-ratio margin (TRL's formulas): sigmoid "
+                        "(DPO), ipo, hinge (SLiC), robust (rDPO), cdpo (conservative DPO), simpo (reference-free, "
+                        "length-normalised, with --simpo-gamma).", choices=DPO_LOSSES, group="DPO")
+    label_smoothing: float = opt(0.0, "dpo --dpo-loss robust / cdpo / simpo: the assumed probability that a "
+                                 "pair's preference is flipped, in [0, 0.5).", group="DPO")
+    simpo_gamma: float = opt(0.5, "dpo --dpo-loss simpo: the target reward margin gamma.", group="DPO")
+    precompute_ref_logps: bool = opt(False, "dpo: compute the reference model's log-probabilities of every pair "
+                                     "once before training (then no reference model is held while training).",
+                                     group="DPO")
+    ref_load: Optional[str] = opt(None, "dpo: the reference model's checkpoint (default: --load, the model "
+                                  "training starts from; unused with LoRA, whose base is the reference).",
+                                  metavar="DIR", group="DPO")
+    center_rewards_coefficient: Optional[float] = opt(
+        None, "reward: add coefficient x mean((r_chosen + r_rejected)^2) to the loss, which keeps rewards "
+        "centred on 0.", group="reward model")
     teacher_load: Optional[str] = opt(
         None, "distill: the teacher's checkpoint directory (megalm, or imported from Hugging Face).",
         metavar="DIR", group="distillation")
@@ -486,6 +504,31 @@ class PostTrainConfig:
                        group="distillation")
     kd_beta: float = opt(0.5, "distill: the generalized JSD's beta.", group="distillation")
     kd_temperature: float = opt(1.0, "distill: softmax temperature of teacher and student.", group="distillation")
+    num_generations: int = opt(8, "grpo: completions sampled per prompt (the group G).", group="GRPO")
+    max_completion_length: int = opt(256, "grpo: most new tokens per completion.", group="GRPO")
+    temperature: float = opt(1.0, "grpo: sampling temperature (also applied to the log-probabilities).",
+                             group="GRPO")
+    top_p: float = opt(1.0, "grpo: nucleus sampling threshold in (0, 1] (1: off).", group="GRPO")
+    top_k: int = opt(0, "grpo: sample among the k most likely tokens (0: off).", group="GRPO")
+    reward_fn: list = opt([], "grpo: reward functions, module:function (TRL's signature: prompts, completions, "
+                          "completion_ids, **columns -> list of float or None; megalm.posttrain.rewards has "
+                          "ready-made ones), or the checkpoint directory of a reward model (--task reward).",
+                          metavar="MODULE:FUNCTION|DIR", group="GRPO")
+    reward_weights: list = opt([], "grpo: one weight per --reward-fn (default: 1 each).", metavar="W", group="GRPO")
+    scale_rewards: str = opt("group", "grpo: divide the advantages by the std of the group's rewards, of the "
+                             "batch's, or not at all.", choices=SCALE_REWARDS, group="GRPO")
+    loss_type: str = opt("dapo", "grpo: how the per-token losses are averaged, as TRL: grpo (per sequence, then "
+                         "over sequences), bnpo (over the micro-batch's tokens), dr_grpo (by batch x "
+                         "--max-completion-length), dapo (over the global batch's tokens).",
+                         choices=GRPO_LOSS_TYPES, group="GRPO")
+    epsilon: float = opt(0.2, "grpo: lower clipping range of the probability ratio.", group="GRPO")
+    epsilon_high: Optional[float] = opt(None, "grpo: upper clipping range (default --epsilon; DAPO uses 0.28).",
+                                        group="GRPO")
+    beta: Optional[float] = opt(None, "The strength of the pull to the reference model. dpo: the beta of the loss "
+                                "(default 0.1); grpo: the coefficient of the KL to it (k3 estimator; default 0, "
+                                "which builds no reference model).", group="post-training")
+    num_iterations: int = opt(1, "grpo: optimizer steps on each batch of rollouts (mu); rollouts are generated "
+                              "every mu iterations.", group="GRPO")
 
     def validate(self) -> None:
         if self.lora_rank < 0:
@@ -499,6 +542,7 @@ class PostTrainConfig:
                                 ("--lora-base-quantization", self.lora_base_quantization)):
                 if given:
                     raise ConfigError(f"{flag} needs LoRA adapters: give --lora-rank R")
+        self._validate_preference()
         if self.task == "distill":
             if (self.teacher_load is None) == (self.teacher_logits is None):
                 raise ConfigError("--task distill needs one teacher: --teacher-load DIR (run online) or "
@@ -513,6 +557,72 @@ class PostTrainConfig:
             for flag, given in (("--teacher-load", self.teacher_load), ("--teacher-logits", self.teacher_logits)):
                 if given is not None:
                     raise ConfigError(f"{flag} is for --task distill (the task is {self.task})")
+        if self.task == "grpo":
+            self._validate_grpo()
+        elif self.reward_fn:
+            raise ConfigError(f"--reward-fn is for --task grpo (the task is {self.task})")
+
+    def _validate_grpo(self) -> None:
+        if not self.reward_fn:
+            raise ConfigError("--task grpo needs a reward: give --reward-fn MODULE:FUNCTION (e.g. "
+                              "megalm.posttrain.rewards:exact_match_answer)")
+        if self.reward_weights:
+            if len(self.reward_weights) != len(self.reward_fn):
+                raise ConfigError(f"--reward-weights gives {len(self.reward_weights)} weights for "
+                                  f"{len(self.reward_fn)} --reward-fn functions: give one per function")
+            for w in self.reward_weights:
+                try:
+                    ok = math.isfinite(float(w))
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise ConfigError(f"--reward-weights: {w} is not a finite number")
+        if self.num_generations < 2:
+            raise ConfigError(f"--num-generations must be at least 2 (a group's rewards are compared with their "
+                              f"mean), got {self.num_generations}")
+        if self.max_completion_length < 1:
+            raise ConfigError(f"--max-completion-length must be positive, got {self.max_completion_length}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"--temperature must be positive (GRPO samples its completions), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k must not be negative, got {self.top_k}")
+        for flag, value in (("--epsilon", self.epsilon), ("--epsilon-high", self.epsilon_high)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} must be positive, got {value}")
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ConfigError(f"--beta must not be negative, got {self.beta}")
+        if self.num_iterations < 1:
+            raise ConfigError(f"--num-iterations must be at least 1, got {self.num_iterations}")
+
+    def _validate_preference(self) -> None:
+        dpo, defaults = self.task == "dpo", PostTrainConfig()
+        if not dpo:
+            for flag, field_name in (("--dpo-loss", "dpo_loss"), ("--label-smoothing", "label_smoothing"),
+                                     ("--simpo-gamma", "simpo_gamma"), ("--precompute-ref-logps", "precompute_ref_logps"),
+                                     ("--ref-load", "ref_load")):
+                if getattr(self, field_name) != getattr(defaults, field_name):
+                    raise ConfigError(f"{flag} is for --task dpo (the task is {self.task})")
+        if self.task != "reward" and self.center_rewards_coefficient is not None:
+            raise ConfigError(f"--center-rewards-coefficient is for --task reward (the task is {self.task})")
+        if self.center_rewards_coefficient is not None and not (
+                math.isfinite(self.center_rewards_coefficient) and self.center_rewards_coefficient >= 0):
+            raise ConfigError(f"--center-rewards-coefficient must not be negative, got {self.center_rewards_coefficient}")
+        if not dpo:
+            return
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"--beta must be positive for --task dpo, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.dpo_loss not in ("robust", "cdpo", "simpo"):
+            raise ConfigError(f"--label-smoothing is for --dpo-loss robust, cdpo or simpo (the loss is "
+                              f"{self.dpo_loss})")
+        if self.simpo_gamma != defaults.simpo_gamma and self.dpo_loss != "simpo":
+            raise ConfigError(f"--simpo-gamma is for --dpo-loss simpo (the loss is {self.dpo_loss})")
+        if self.dpo_loss == "simpo" and (self.precompute_ref_logps or self.ref_load):
+            flag = "--precompute-ref-logps" if self.precompute_ref_logps else "--ref-load"
+            raise ConfigError(f"{flag}: --dpo-loss simpo uses no reference model; leave it out")
 
 
 SECTIONS = {

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megalm.checkpoint import CheckpointError, save_weights  # noqa: E402
+from megalm.checkpoint import CheckpointError, meta_model, save_weights  # noqa: E402
 from megalm.posttrain import lora  # noqa: E402
 
 
@@ -38,7 +38,9 @@ def merge(load: str, save: str, force: bool = False) -> str:
     found, config = lora.open_lora_checkpoint(load)
     weights = lora.merged_weights(found, config)
     record = found["metadata"].get("hf")
-    path = save_weights(save, lora.without_lora(config), weights, {"hf": record} if record else None)
+    plain = lora.without_lora(config)
+    path = save_weights(save, plain, weights, {"hf": record} if record else None,
+                        model=lora.task_head(meta_model(plain.model), plain))
     p = config.posttrain
     base = f" (its {p.lora_base_quantization} base de-quantized)" if p.lora_base_quantization else ""
     print(f"merged the rank-{p.lora_rank} adapters of {found['path']}{base} into {path}")

@@ -22,7 +22,16 @@ from typing import Optional
 
 import torch
 
-from megalm.checkpoint import checkpoint_config, checkpoint_tokenizer, meta_model, open_checkpoint, save_weights
+from megalm.checkpoint import (
+    checkpoint_config,
+    checkpoint_dir,
+    checkpoint_tokenizer,
+    meta_model,
+    open_checkpoint,
+    partition_specs,
+    read_metadata,
+    save_weights,
+)
 from megalm.config import Config, ModelConfig, pad_vocab_size
 from megalm.convert import hf_files
 from megalm.convert.frame import Architecture, Context, ConversionError, check_tensors, hf_to_megalm_tensors, megalm_to_hf_tensors
@@ -152,14 +161,23 @@ def _tokenizer_config(tokenizer_dir: str, names: list, tokenizer, max_positions:
     return out
 
 
+SCORE = "score.weight"  # a reward model's head, under the name transformers gives it
+
+
 def megalm_to_hf(src: str, dst: str, force: bool = False, architecture: Optional[str] = None,
                  max_shard_size="5GB", log=print) -> str:
     """Export the megalm checkpoint `src` (root or iter_XXXXXXX, any parallel layout) as a Hugging
-    Face directory `dst`."""
+    Face directory `dst`. A reward model (posttrain_gpt.py --task reward) becomes the family's
+    *ForSequenceClassification with one label: its `score` head, no language-model head."""
     if os.path.exists(dst) and not force:
         raise ConversionError(f"output directory {dst} exists; choose another or pass --force to overwrite it")
     shard_bytes = hf_files.parse_size(max_shard_size)
-    found = open_checkpoint(src)
+    saved = Config.from_dict(read_metadata(checkpoint_dir(src))["config"]) if os.path.isdir(src) else None
+    reward = saved is not None and saved.posttrain.task == "reward"
+    found = open_checkpoint(src, specs={**partition_specs(saved), SCORE: None} if reward else None)
+    score = found["model"].pop(SCORE, None) if reward else None
+    if reward and score is None:
+        raise ConversionError(f"{found['path']} is a reward model's checkpoint without its {SCORE} head")
     config = checkpoint_config(found)
     model_config = config.model
     record = found["metadata"].get("hf", {})
@@ -178,11 +196,22 @@ def megalm_to_hf(src: str, dst: str, force: bool = False, architecture: Optional
                   or config.data.vocab_size or model_config.padded_vocab_size)
     ctx = Context(model_config, vocab_size)
     tensors = megalm_to_hf_tensors(arch, ctx, found["model"])
+    hf_class = arch.hf_class
+    if reward:
+        hf_class = hf_class.replace("ForCausalLM", "ForSequenceClassification")
+        tensors.pop("lm_head.weight", None)
+        tensors[SCORE] = score
 
     hf_files.prepare_output_dir(dst, force)
     hf_files.save_tensors(tensors, dst, shard_bytes)
     hf_config = arch.hf_config(model_config, vocab_size)
     hf_config["torch_dtype"] = _DTYPE_NAMES.get(next(iter(tensors.values())).dtype, "float32")
+    if reward:
+        hf_config.update(architectures=[hf_class], num_labels=1)
+        # transformers reads the score at the last token that is not padding; the EOS a completion
+        # ends with is read, so an end-of-document id that doubles as padding is not declared.
+        if tokenizer is not None and getattr(tokenizer, "pad", None) not in (None, tokenizer.eod):
+            hf_config["pad_token_id"] = tokenizer.pad
     token_ids = dict(record.get("config", {}))
     if tokenizer is not None and tokenizer.eod is not None:
         token_ids.setdefault("eos_token_id", tokenizer.eod)
@@ -200,6 +229,6 @@ def megalm_to_hf(src: str, dst: str, force: bool = False, architecture: Optional
         if names and "tokenizer_config.json" not in names:
             hf_files.write_json(os.path.join(dst, "tokenizer_config.json"),
                                 _tokenizer_config(dst, names, tokenizer, model_config.max_positions))
-    log(f"exported {found['path']} as {arch.hf_class} ({len(tensors)} tensors, vocabulary {vocab_size}) "
+    log(f"exported {found['path']} as {hf_class} ({len(tensors)} tensors, vocabulary {vocab_size}) "
         f"into {dst}")
     return dst

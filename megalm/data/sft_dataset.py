@@ -41,7 +41,7 @@ import json
 import logging
 import os
 from collections import Counter
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -77,28 +77,44 @@ class TokenizedSamples:
 # ---- tokenizing and caching ----------------------------------------------------------------------
 
 
-def tokenize_file(path: str, tokenizer, templates: dict, progress: Optional[bool] = None) -> TokenizedSamples:
-    """Tokenize every sample of a jsonl file (blank lines skipped); errors name the line."""
-    from megalm.data.chat import encode_sample
+class SampleKind(NamedTuple):
+    """What the lines of a jsonl file are, for the functions here: the name its cache and messages
+    use, `encode(record, tokenizer, templates, where, notes)` -> the [(ids, mask)] samples of one
+    line, how many samples a line makes (the unit `--split` divides), and `dataset(samples,
+    unit_ids, seq_length, pad_id, seed, posttrain_config, num_samples, name, paths)` -> a Dataset."""
+    name: str
+    what: str
+    encode: Callable
+    samples_per_line: int
+    dataset: Callable
+
+
+def tokenize_file(path: str, tokenizer, templates: dict, progress: Optional[bool] = None,
+                  kind: Optional[SampleKind] = None) -> TokenizedSamples:
+    """Tokenize every sample of a jsonl file (blank lines skipped); errors name the line. `kind`:
+    what a line is (default SFT samples, one per line)."""
     from megalm.data.progress import Progress
 
-    tokens, masks, lengths, notes = [], [], [], Counter()
+    encode = (kind or SFT).encode
+    tokens, masks, lengths, notes, records = [], [], [], Counter(), 0
     with open(path, "rb") as f, Progress(f"tokenizing {os.path.basename(path)}", os.path.getsize(path),
                                          enabled=progress) as bar:
         for line_number, line in enumerate(f, start=1):
             if line.strip():
-                where = f"sample {len(lengths) + 1} of {path} (line {line_number})"
+                records += 1
+                where = f"sample {records} of {path} (line {line_number})"
                 record = _parse_line(line, where)
                 try:
-                    ids, mask = encode_sample(record, tokenizer, templates, where, notes)
+                    encoded = encode(record, tokenizer, templates, where, notes)
                 except DataError:
                     raise
                 except ValueError as e:  # the tokenizer's own complaint (NullTokenizer: not ids)
                     raise DataError(f"{where}: the {tokenizer.name} tokenizer cannot encode it: {e}") from None
-                tokens.append(ids)
-                masks.append(mask)
-                lengths.append(len(ids))
-                bar.update(len(line), documents=1, tokens=len(ids))
+                for ids, mask in encoded:
+                    tokens.append(ids)
+                    masks.append(mask)
+                    lengths.append(len(ids))
+                bar.update(len(line), documents=1, tokens=sum(len(ids) for ids, _ in encoded))
             else:
                 bar.update(len(line))
     if not lengths:
@@ -142,25 +158,26 @@ def _file_digest(path: str, digest=None) -> str:
 
 
 def tokenized_file(path: str, tokenizer, templates: dict, cache_path: Optional[str] = None,
-                   progress: Optional[bool] = None) -> TokenizedSamples:
-    """The tokenized samples of `path`, from the cache when it holds them (built and cached
-    otherwise; rank 0 first in a distributed run)."""
+                   progress: Optional[bool] = None, kind: Optional[SampleKind] = None) -> TokenizedSamples:
+    """The tokenized samples of `path` (`tokenize_file`), from the cache when it holds them (built
+    and cached otherwise; rank 0 first in a distributed run)."""
+    kind = kind or SFT
     if not os.path.isfile(path):
-        raise DataError(f"--data-path {path}: no such file; give jsonl files of SFT samples")
+        raise DataError(f"--data-path {path}: no such file; give jsonl files of {kind.what}")
     description = {
-        "class": "TokenizedSamples", "format": CACHE_FORMAT, "data": _file_digest(path),
+        "class": "TokenizedSamples", "format": CACHE_FORMAT, "kind": kind.name, "data": _file_digest(path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "templates": {name: [t.text, t.special_tokens] for name, t in sorted(templates.items())},
     }
     key = hashlib.md5(json.dumps(description, sort_keys=True).encode()).hexdigest()
     directory = cache_path or os.path.join(os.path.dirname(os.path.abspath(path)), "cache")
-    stem = os.path.join(directory, f"{os.path.basename(path)}-sft-{key}")
+    stem = os.path.join(directory, f"{os.path.basename(path)}-{kind.name}-{key}")
 
     def load_or_build() -> TokenizedSamples:
         cached = _load_cached(stem, path)
         if cached is not None:
             return cached
-        samples = tokenize_file(path, tokenizer, templates, progress)
+        samples = tokenize_file(path, tokenizer, templates, progress, kind)
         _save(stem, samples, description, directory)
         return samples
 
@@ -310,11 +327,16 @@ class SFTDataset(torch.utils.data.Dataset):
     def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, labels) of sample k, shifted and truncated: int64 [min(n - 1, seq_length)]."""
         ids, mask = self.samples.get(k)
-        ids, mask = ids[: self.seq_length + 1].astype(np.int64), mask[: self.seq_length + 1]
+        keep = self.max_positions(k) + 1
+        ids, mask = ids[:keep].astype(np.int64), mask[:keep]
         labels = ids[1:].copy()
         if not self.train_on_prompt:
             labels[mask[1:] == 0] = IGNORE_INDEX
         return ids[:-1], labels
+
+    def max_positions(self, k: int) -> int:
+        """The most positions sample k may fill (it is truncated beyond)."""
+        return self.seq_length
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
@@ -356,27 +378,34 @@ def pad_token_id(tokenizer) -> int:
 
 
 def build_sft_datasets(data_config, posttrain_config, seq_length: int, seed: int, tokenizer=None,
-                       num_samples: Optional[Sequence[Optional[int]]] = None, progress: Optional[bool] = None):
+                       num_samples: Optional[Sequence[Optional[int]]] = None, progress: Optional[bool] = None,
+                       kind: Optional[SampleKind] = None):
     """(train, valid, test) SFTDatasets for the jsonl files of `--data-path`, None for a split whose
     `--split` weight is 0 (or, for valid and test, that gets no sample). Several files are read as
-    one dataset. `num_samples` asks each split for at least that many rows (more epochs)."""
+    one dataset. `num_samples` asks each split for at least that many rows (more epochs). `kind`:
+    what the lines are and the datasets they make (default SFT samples; preference pairs:
+    `megalm.data.preference_dataset.PREFERENCE`)."""
     from megalm.data.builder import SPLIT_NAMES, parse_split, split_ranges
     from megalm.data.chat import load_chat_templates, tokenizer_directory
     from megalm.data.tokenizer import build_tokenizer
 
+    kind = kind or SFT
+
     paths = [str(p) for p in data_config.data_path or []]
     if not paths:
-        raise DataError("--data-path is empty: give jsonl files of SFT samples")
+        raise DataError(f"--data-path is empty: give jsonl files of {kind.what}")
     tokenizer = tokenizer or build_tokenizer(data_config)
     templates = load_chat_templates(tokenizer_directory(data_config), tokenizer, posttrain_config.chat_template)
-    files = [tokenized_file(p, tokenizer, templates, data_config.data_cache_path, progress) for p in paths]
+    files = [tokenized_file(p, tokenizer, templates, data_config.data_cache_path, progress, kind) for p in paths]
     samples = _concatenate(files)
+    per_unit = kind.samples_per_line
     split = parse_split(data_config.split)
     ranges, first = [[] for _ in SPLIT_NAMES], 0
     for part in files:
-        for s, (start, end) in enumerate(split_ranges(split, len(part))):
+        units = len(part) // per_unit
+        for s, (start, end) in enumerate(split_ranges(split, units)):
             ranges[s].append(np.arange(first + start, first + end))
-        first += len(part)
+        first += units
     datasets = []
     for s, name in enumerate(SPLIT_NAMES):
         ids = np.concatenate(ranges[s])
@@ -384,12 +413,12 @@ def build_sft_datasets(data_config, posttrain_config, seq_length: int, seed: int
             datasets.append(None)
             continue
         if not len(ids):
-            raise DataError(f"{', '.join(paths)}: {len(samples)} samples are too few to give the train split "
-                            f"any (--split {data_config.split}); use more samples or change --split")
+            raise DataError(f"{', '.join(paths)}: {len(samples) // per_unit} samples are too few to give the train "
+                            f"split any (--split {data_config.split}); use more samples or change --split")
         requested = num_samples[s] if num_samples else None
         try:
-            datasets.append(SFTDataset(samples, ids, seq_length, pad_token_id(tokenizer), seed,
-                                       posttrain_config.packing, posttrain_config.train_on_prompt, requested, name))
+            datasets.append(kind.dataset(samples, ids, seq_length, pad_token_id(tokenizer), seed, posttrain_config,
+                                         requested, name, paths))
         except DataError as e:
             if name == "train":
                 raise
@@ -406,3 +435,16 @@ def _concatenate(files: list) -> TokenizedSamples:
     return TokenizedSamples(np.concatenate([f.tokens for f in files]),
                             np.concatenate([f.loss_mask for f in files]),
                             np.concatenate(offsets), ", ".join(f.path for f in files))
+
+
+def _encode_sft(record, tokenizer, templates: dict, where: str, notes: Counter) -> list:
+    from megalm.data.chat import encode_sample
+    return [encode_sample(record, tokenizer, templates, where, notes)]
+
+
+def _sft_dataset(samples, ids, seq_length, pad_id, seed, posttrain_config, num_samples, name, paths) -> SFTDataset:
+    return SFTDataset(samples, ids, seq_length, pad_id, seed, posttrain_config.packing,
+                      posttrain_config.train_on_prompt, num_samples, name)
+
+
+SFT = SampleKind("sft", "SFT samples", _encode_sft, 1, _sft_dataset)

@@ -44,8 +44,9 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 device=None, dtype=torch.float32):
-        shape = (batch_size, max_len, config.query_groups, config.head_dim)
+                 device=None, dtype=torch.float32, tensor_parallel_size: int = 1):
+        # Under tensor parallelism a rank's layers hold query_groups / TP groups (SelfAttention).
+        shape = (batch_size, max_len, config.query_groups // tensor_parallel_size, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.max_len = max_len

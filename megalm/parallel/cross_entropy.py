@@ -18,7 +18,9 @@ hidden states through `copy_to_tensor_parallel_region` (or the sequence-parallel
 backward completes the sum. A reference implementation in PyTorch: correct everywhere, fast enough
 that the logits' memory, not time, is what it saves.
 
-Both return the mean over the tokens whose label is not `ignore_index` (0 when all are ignored).
+Both return the mean over the tokens whose label is not `ignore_index` (0 when all are ignored);
+`vocab_parallel_token_cross_entropy` returns each token's loss (0 where ignored), whose negation is
+the label's log-probability (`megalm.posttrain.logprobs`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ DEFAULT_CHUNK_TOKENS = 4096
 
 def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group,
                    ignore_index: int, count: torch.Tensor):
-    """logits [n, V/TP] (any float dtype) -> (sum of the valid tokens' losses, d(sum/count)/d(logits)
+    """logits [n, V/TP] (any float dtype) -> (each token's loss [n], 0 where ignored; d(sum/count)/d(logits)
     in fp32)."""
     logits = logits.float()
     n, local_vocab = logits.shape
@@ -48,7 +50,7 @@ def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
     stats = torch.stack([exp.sum(dim=-1), target])  # [2, n]
     dist.all_reduce(stats, group=group)
     sum_exp, target = stats[0], stats[1]
-    loss = torch.where(valid, sum_exp.log() - target, 0.0).sum()
+    loss = torch.where(valid, sum_exp.log() - target, 0.0)
     grad = exp.div_(sum_exp.unsqueeze(-1))  # softmax over the full vocabulary, this rank's slice
     grad[torch.arange(n, device=grad.device), index] -= owned.float()
     grad.mul_((valid.float() / count).unsqueeze(-1))
@@ -66,7 +68,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         loss, grad = _loss_and_grad(logits, labels, vocab_start, group, ignore_index, count)
         ctx.save_for_backward(grad)
         ctx.dtype = logits.dtype
-        return loss / count
+        return loss.sum() / count
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -78,6 +80,27 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, voc
                                  ignore_index: int = -100) -> torch.Tensor:
     """Mean loss of logits [n, V / TP] (this rank's slice, starting at `vocab_start`) and labels [n]."""
     return _VocabParallelCrossEntropy.apply(logits, labels, vocab_start, group, ignore_index)
+
+
+class _VocabParallelTokenCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start, group, ignore_index):
+        count = torch.ones((), device=logits.device)  # each token's own loss: no mean
+        loss, grad = _loss_and_grad(logits, labels, vocab_start, group, ignore_index, count)
+        ctx.save_for_backward(grad)
+        ctx.dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss.unsqueeze(-1)).to(ctx.dtype), None, None, None, None
+
+
+def vocab_parallel_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group,
+                                       ignore_index: int = -100) -> torch.Tensor:
+    """Each token's loss [n] (0 where the label is `ignore_index`) of logits [n, V / TP] and labels [n]."""
+    return _VocabParallelTokenCrossEntropy.apply(logits, labels, vocab_start, group, ignore_index)
 
 
 class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
@@ -95,7 +118,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             end = min(start + chunk_tokens, hidden.shape[0])
             logits = F.linear(h[start:end], w)  # [chunk, V/TP]
             loss, grad = _loss_and_grad(logits, labels[start:end], vocab_start, group, ignore_index, count)
-            total += loss
+            total += loss.sum()
             grad = grad.to(dtype)
             grad_hidden[start:end] = grad @ w
             grad_weight += (grad.t() @ h[start:end]).float()

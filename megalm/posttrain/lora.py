@@ -52,6 +52,7 @@ per-rank stream where it is split (`megalm.parallel.random`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Dict, List, Optional, Tuple
@@ -118,6 +119,7 @@ class _LoRALinear:
     lora: nn.ModuleDict
     lora_scaling: float
     lora_dropout: float
+    lora_enabled = True  # False inside `adapters_disabled`: the base linear alone
 
     @property
     def weight(self) -> torch.Tensor:
@@ -157,6 +159,8 @@ class LoRAColumnParallelLinear(_LoRALinear, ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)  # [b, s, out / TP]
+        if not self.lora_enabled:
+            return y
         u = F.linear(self._lora_input(x), self._lora_A().to(x.dtype))  # [b, s(/TP), n r]
         if self.tp > 1:
             u = (mappings.gather_from_sequence_parallel_region(u, self.group) if self.sequence_parallel
@@ -169,6 +173,8 @@ class LoRARowParallelLinear(_LoRALinear, RowParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)  # [b, s(/TP), out], reduced
+        if not self.lora_enabled:
+            return y
         u = F.linear(self._lora_input(x), self._lora_A().to(x.dtype))  # [b, s, n r] partial sum
         if self.tp > 1:
             u = (mappings.reduce_scatter_to_sequence_parallel_region(u, self.group) if self.sequence_parallel
@@ -357,6 +363,20 @@ def adapted_linears(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _LoRALinear)]
 
 
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside the block `model` computes as its base model: every adapter's branch is skipped (the
+    reference policy of DPO and GRPO under LoRA, with no second copy of the weights)."""
+    linears = [linear for _, linear in adapted_linears(model)]
+    for linear in linears:
+        linear.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for linear in linears:
+            del linear.lora_enabled  # back to the class's True
+
+
 def is_adapter(name: str) -> bool:
     """Is this state-dict / parameter name an adapter's A or B?"""
     return ADAPTER_MARK in name
@@ -417,6 +437,14 @@ def lora_model(config: Config, device=None) -> GPTModel:
     with torch.device(device or "cpu"):
         model = GPTModel(config.model)
     apply_lora(model, dataclasses.replace(config.posttrain, lora_base_quantization=None))
+    return task_head(model, config)
+
+
+def task_head(model: GPTModel, config: Config) -> GPTModel:
+    """`model` with the head its task adds beside the adapters: a reward model's `score`."""
+    if config.posttrain.task == "reward":
+        from megalm.posttrain.heads import add_score_head
+        add_score_head(model, config)
     return model
 
 

@@ -337,6 +337,11 @@ class Trainer:
 
     # -- one step
 
+    def data_iterator(self, dataset, consumed_samples: int) -> Iterator[dict]:
+        """The training micro-batches from sample `consumed_samples` on (a subclass may make them,
+        as post-training's rollouts are)."""
+        return build_data_iterator(dataset, consumed_samples, self.config, self.state)
+
     def train_step(self, data: Iterator[dict]) -> tuple:
         """Forward/backward over the global batch and one optimizer step (or a skipped one)."""
         for ddp in self.ddps:
@@ -424,9 +429,21 @@ class Trainer:
             return None
         loss = self._dp_mean(torch.stack(losses).mean() if losses else torch.zeros((), device=self.state.device))
         it = self.train_state.iteration
-        self.log.print(f"{name} at iteration {it} | loss {loss:.4f} | ppl {_ppl(loss):.2f}")
-        self.log.scalars({f"{name}/loss": loss, f"{name}/ppl": _ppl(loss)}, it)
+        extra = self._step_metrics("eval")
+        self.log.print(f"{name} at iteration {it} | loss {loss:.4f} | ppl {_ppl(loss):.2f}"
+                       + "".join(f" | {key} {value:.4f}" for key, value in extra.items()))
+        self.log.scalars({f"{name}/loss": loss, f"{name}/ppl": _ppl(loss),
+                          **{f"{name}/{key}": value for key, value in extra.items()}}, it)
         return loss
+
+    def _step_metrics(self, split: str) -> dict:
+        """The forward step's own metrics ("train" or "eval") since it was last asked, over the
+        data-parallel ranks: {name: value} from its `metrics(split, group)` where it has one (the
+        rewards and accuracy of preference training), else none. Every rank calls it."""
+        metrics = getattr(self.forward_step, "metrics", None)
+        if metrics is None:
+            return {}
+        return metrics(split, self.state.data_parallel_group if self.state.distributed else None)
 
     def _diverging(self) -> bool:
         """Are the last steps skipped for non-finite gradients that loss scaling cannot explain?
@@ -458,9 +475,9 @@ class Trainer:
     # -- the loop
 
     def train(self) -> TrainState:
-        c, t, st, ts = self.config, self.config.train, self.state, self.train_state
+        t, st, ts = self.config.train, self.state, self.train_state
         train_ds, valid_ds, test_ds = self.datasets
-        data = build_data_iterator(train_ds, ts.consumed_samples, c, st)
+        data = self.data_iterator(train_ds, ts.consumed_samples)
         for chunk in self.chunks:
             chunk.train()
         timer = Throughput(st.device)
@@ -537,6 +554,9 @@ class Trainer:
                 line += f" | MFU {100 * tflops * 1e12 / self.peak_flops:.1f}%"
         if t.fp16:
             line += f" | loss scale {self.scaler.scale:.0f}"
+        for key, value in self._step_metrics("train").items():
+            values[f"train/{key}"] = value
+            line += f" | {key} {value:.4f}"
         mem = peak_memory_bytes(st.device)
         values["train/peak_memory_gb"] = mem / 2**30
         line += f" | mem {mem / 2**30:.2f} GB | elapsed {duration(elapsed)} | ETA {duration(eta)}"
@@ -579,11 +599,12 @@ def _ppl(loss: float) -> float:
 
 
 def pretrain(config: Config, model_provider: Callable, datasets_provider: Callable,
-             forward_step: Callable = gpt_forward_step) -> TrainState:
-    """Build everything from `config`, train, evaluate, save. Returns the final TrainState."""
+             forward_step: Callable = gpt_forward_step, trainer_class: type = Trainer) -> TrainState:
+    """Build everything from `config`, train, evaluate, save. Returns the final TrainState.
+    `trainer_class`: Trainer or a subclass (one with its own micro-batches or logs)."""
     trainer = None
     try:
-        trainer = Trainer(config, model_provider, datasets_provider, forward_step)
+        trainer = trainer_class(config, model_provider, datasets_provider, forward_step)
         return trainer.train()
     except BaseException as e:
         # The traceback's frames would keep the trainer, and with it the process groups, alive
