@@ -4,7 +4,7 @@
 # The teacher runs beside the student on each GPU. A teacher too big for that: cache its top-k
 # log-probabilities once, then train from the cache with the same data flags:
 #   python tools/cache_teacher_logits.py --load "$STUDENT" --teacher-load "$TEACHER" \
-#       --teacher-logits cache/teacher --data-path "$DATA" --seq-length 2048 --packing --top-k 64
+#       --teacher-logits cache/teacher --data-path "$DATA" --seq-length 2048 --packing --teacher-top-k 64
 #   ... posttrain_gpt.py --task distill --teacher-logits cache/teacher (instead of --teacher-load)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -171,7 +171,7 @@ def test_cached_teacher_logits_are_checked_against_the_run_rows(setup):
     cache = setup["root"] / "teacher_logits"
     data_flags = ["--data-path", setup["data"], "--split", "90,10,0", "--seed", "5", "--packing"]
     _run("tools/cache_teacher_logits.py", "--load", setup["base"], "--teacher-load", str(teacher),
-         "--teacher-logits", str(cache), "--top-k", "8", *data_flags)
+         "--teacher-logits", str(cache), "--teacher-top-k", "8", *data_flags)
     assert sorted(os.listdir(cache)) == ["train", "valid"]
     out = _run("posttrain_gpt.py", "--task", "distill", "--load", setup["base"], "--teacher-logits", str(cache),
                "--save", str(setup["root"] / "from_cache"), "--micro-batch-size", "4", "--global-batch-size", "8",

@@ -2,12 +2,12 @@
 """Run a distillation teacher once over the post-training rows and keep its top-k log-probabilities.
 
     python tools/cache_teacher_logits.py --task distill --load STUDENT --teacher-load TEACHER \\
-        --teacher-logits CACHE --data-path chat.jsonl --seq-length 2048 --packing --top-k 64
+        --teacher-logits CACHE --data-path chat.jsonl --seq-length 2048 --packing --teacher-top-k 64
     python posttrain_gpt.py --task distill --load STUDENT --teacher-logits CACHE --data-path chat.jsonl \\
         --seq-length 2048 --packing ...   # the same data flags: the cache checks it got the same rows
 
 Takes posttrain_gpt.py's command line (the data flags must be the run's: the rows are built the same
-way) plus --top-k. Writes CACHE/train, CACHE/valid, CACHE/test (the splits the run has), each
+way) plus --teacher-top-k. Writes CACHE/train, CACHE/valid, CACHE/test (the splits the run has), each
 replacing its files only once complete (see megalm.posttrain.teacher_cache).
 """
 
@@ -30,7 +30,7 @@ from megalm.training.launch import report_error  # noqa: E402
 
 
 def _extra(parser):
-    parser.add_argument("--top-k", type=int, default=64, metavar="K",
+    parser.add_argument("--teacher-top-k", type=int, default=64, metavar="K",
                         help="Log-probabilities kept per position (default: 64).")
 
 
@@ -45,7 +45,7 @@ def cache(config, top_k: int, log=print) -> dict:
     teacher = load_teacher(p.teacher_load, config, device, dtype)
     vocab = config.model.vocab_size
     if not 1 <= top_k <= vocab:
-        raise ConfigError(f"--top-k must be between 1 and the vocabulary size {vocab}, got {top_k}")
+        raise ConfigError(f"--teacher-top-k must be between 1 and the vocabulary size {vocab}, got {top_k}")
     written = {}
     for split, dataset in zip(SPLITS, build_sft_datasets(config.data, p, config.model.seq_length, config.train.seed)):
         if dataset is None:
@@ -77,10 +77,10 @@ def main(argv=None) -> int:
         config.posttrain.task = "distill"
         posttrain_gpt.resume_or_start(config, ns)
         posttrain_gpt.set_vocabulary(config)
-        written = cache(config, ns.top_k)
+        written = cache(config, ns.teacher_top_k)
     except (ConfigError, CheckpointError, DataError, OSError, ValueError) as e:
         return report_error(str(e))
-    print(f"wrote the teacher's top-{ns.top_k} log-probabilities of {written} rows to {config.posttrain.teacher_logits}")
+    print(f"wrote the teacher's top-{ns.teacher_top_k} log-probabilities of {written} rows to {config.posttrain.teacher_logits}")
     return 0
 
 
