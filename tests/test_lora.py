@@ -13,11 +13,8 @@ Under torchrun this file is a worker: it trains each layout it is given and rank
 
 import copy
 import io
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,8 +22,8 @@ import torch
 from megalm.config import ModelConfig, PostTrainConfig
 from megalm.model import GPTModel
 from megalm.posttrain import lora
+from tests.helpers import launch_workers, record_curves, worker_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
              seq_length=16, padded_vocab_size=128, swiglu=True, position_embedding_type="rope",
              normalization="RMSNorm", add_bias_linear=False, untie_embeddings_and_output_weights=True,
@@ -402,27 +399,17 @@ def train_lora(flags: list) -> dict:
     gradient norm, and whether the optimizer held adapter pieces only."""
     import pretrain_gpt
     from megalm.arguments import parse_args
-    from megalm.training.trainer import Trainer
 
-    norms = []
-
-    class Recording(Trainer):
-        def train_step(self, data):
-            out = super().train_step(data)
-            norms.append(out[1])
-            return out
+    def only_adapters(trainer) -> dict:
+        names = {id(p): n for chunk in trainer.chunks for n, p in chunk.named_parameters()}
+        optimizer = trainer.optimizer
+        held = [p for p in optimizer.params] if hasattr(optimizer, "params") else [p for _, p, *_ in optimizer.pieces]
+        return {"only_adapters": bool(held) and all(lora.is_adapter(names[id(p)]) for p in held)}
 
     config, _ = parse_args(flags)
     config.posttrain = lora_config(lora_rank=4, lora_alpha=16.0)
     pretrain_gpt.set_vocabulary(config)
-    trainer = Recording(config, lora_provider, pretrain_gpt.datasets_provider, log_stream=io.StringIO())
-    names = {id(p): n for chunk in trainer.chunks for n, p in chunk.named_parameters()}
-    optimizer = trainer.optimizer
-    held = [p for p in optimizer.params] if hasattr(optimizer, "params") else [p for _, p, *_ in optimizer.pieces]
-    only_adapters = bool(held) and all(lora.is_adapter(names[id(p)]) for p in held)
-    state = trainer.train()
-    trainer.close()
-    return {"loss": [loss for _, loss in state.history], "grad_norm": norms, "only_adapters": only_adapters}
+    return record_curves(config, lora_provider, before=only_adapters)
 
 
 @pytest.mark.slow
@@ -431,17 +418,9 @@ def test_tensor_pipeline_and_data_parallel_lora_match_one_process(tmp_path):
     (frozen base bit for bit, adapters within 1e-4 in norm) and export to peft."""
     reference = train_lora(TRAIN + ["--save", str(tmp_path / "reference")])
     assert reference["only_adapters"]
-    out = str(tmp_path / "curves.json")
     saved = {"tp2": str(tmp_path / "tp2"), "pp2": str(tmp_path / "pp2")}
     runs = {name: TRAIN + flags + (["--save", saved[name]] if name in saved else []) for name, flags in LAYOUTS.items()}
-    path = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")] + [os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, OMP_NUM_THREADS="1", MEGALM_TEST_RUNS=json.dumps(runs), MEGALM_TEST_OUT=out,
-               PYTHONPATH=path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", os.path.abspath(__file__)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    with open(out) as f:
-        curves = json.load(f)
+    curves = launch_workers(os.path.abspath(__file__), 2, runs, str(tmp_path / "curves.json"), timeout=600)
     for name in LAYOUTS:
         assert curves[name]["only_adapters"], name
         assert len(curves[name]["loss"]) == 5, name
@@ -466,14 +445,5 @@ def test_tensor_pipeline_and_data_parallel_lora_match_one_process(tmp_path):
             lora.lora_model(config)))
 
 
-def _worker() -> None:
-    import torch.distributed as dist
-    results = {name: train_lora(flags) for name, flags in json.loads(os.environ["MEGALM_TEST_RUNS"]).items()}
-    if dist.get_rank() == 0:
-        with open(os.environ["MEGALM_TEST_OUT"], "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    _worker()
+    worker_main(train_lora)

@@ -7,14 +7,12 @@ Tolerance: relative 2e-5 on the loss and 1e-4 on the gradient norm (fp32; the su
 order when split across ranks, nothing else changes).
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from megalm.arguments import parse_args
+from tests.helpers import launch_workers, record_curves, worker_main
 
 BASE = ["--mock-data", "--vocab-size", "256", "--num-layers", "4", "--hidden-size", "32",
         "--num-attention-heads", "4", "--seq-length", "32", "--attention-dropout", "0", "--hidden-dropout", "0",
@@ -46,39 +44,16 @@ EIGHT_RANKS = {
 }
 
 
-def train(flags: list) -> dict:
+def train(flags: list, after=None) -> dict:
     """Train in this process (under torchrun: in the launched process group); per-step curves."""
-    import io
-
     import pretrain_gpt
-    from megalm.arguments import parse_args
-    from megalm.training.trainer import Trainer
-
-    norms = []
-
-    class Recording(Trainer):
-        def train_step(self, data):
-            out = super().train_step(data)
-            norms.append(out[1])
-            return out
-
     config, _ = parse_args(flags)
     pretrain_gpt.set_vocabulary(config)
-    trainer = Recording(config, pretrain_gpt.model_provider, pretrain_gpt.datasets_provider, log_stream=io.StringIO())
-    state = trainer.train()
-    trainer.close()
-    return {"loss": [loss for _, loss in state.history], "grad_norm": norms}
+    return record_curves(config, pretrain_gpt.model_provider, after=after)
 
 
 def launch(nproc: int, runs: dict, tmp_path) -> dict:
-    out = str(tmp_path / f"curves_{nproc}.json")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MEGALM_TEST_RUNS=json.dumps(runs), MEGALM_TEST_OUT=out)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           os.path.abspath(__file__)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    with open(out) as f:
-        return json.load(f)
+    return launch_workers(os.path.abspath(__file__), nproc, runs, str(tmp_path / f"curves_{nproc}.json"))
 
 
 def assert_same_curves(reference: dict, curves: dict, name: str) -> None:
@@ -115,15 +90,5 @@ def test_tp2_pp2_dp2_matches_single_process(references, tmp_path):
     assert_same_curves(references["llama"], curves["tp2_pp2_interleaved_dp2"], "tp2_pp2_interleaved_dp2")
 
 
-def _worker() -> None:
-    sys.path.insert(0, ROOT)
-    import torch.distributed as dist
-    results = {name: train(flags) for name, flags in json.loads(os.environ["MEGALM_TEST_RUNS"]).items()}
-    if dist.get_rank() == 0:
-        with open(os.environ["MEGALM_TEST_OUT"], "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    _worker()
+    worker_main(train)

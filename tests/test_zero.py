@@ -7,18 +7,15 @@ optimizer state: distinct storages, `megalm.parallel.data_parallel.storage_bytes
 single-process references run in the test process.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import tiny_config
+from tests.helpers import launch_workers, tiny_config, worker_main
 from tests.test_moe_model_parallel import MOE
 from tests.test_parallel_equivalence import GPT2, LLAMA, assert_same_curves
+from tests.test_parallel_equivalence import train as train_curves
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZERO2, ZERO3 = (["--data-parallel-sharding-strategy", s] for s in ("optim_grads", "optim_grads_params"))
 SMALL_BUCKETS = ["--ddp-bucket-size", "3000"]
 SAVE = ["--train-iters", "5", "--save", "{tmp}/zero3", "--exit-interval", "3"]
@@ -53,48 +50,24 @@ FOUR_RANKS = {
 }
 
 
+def model_state(trainer) -> dict:
+    """The model-state bytes this rank holds after training (distinct storages)."""
+    from megalm.parallel.data_parallel import storage_bytes
+    held = [ddp.state_tensors() for ddp in trainer.ddps]
+    return {"memory": {"weights": storage_bytes([t for w, _ in held for t in w]),
+                       "gradients": storage_bytes([t for _, g in held for t in g]),
+                       "optimizer": storage_bytes(trainer.optimizer.state_tensors())}}
+
+
 def train(flags: list) -> dict:
     """Train in this process (under torchrun: in the launched process group): per-step curves and
     this rank's model-state bytes after the run."""
-    import io
-
-    import pretrain_gpt
-    from megalm.arguments import parse_args
-    from megalm.parallel.data_parallel import storage_bytes
-    from megalm.training.trainer import Trainer
-
-    norms = []
-
-    class Recording(Trainer):
-        def train_step(self, data):
-            out = super().train_step(data)
-            norms.append(out[1])
-            return out
-
-    config, _ = parse_args(flags)
-    pretrain_gpt.set_vocabulary(config)
-    trainer = Recording(config, pretrain_gpt.model_provider, pretrain_gpt.datasets_provider, log_stream=io.StringIO())
-    try:
-        history = trainer.train().history
-        held = [ddp.state_tensors() for ddp in trainer.ddps]
-        memory = {"weights": storage_bytes([t for w, _ in held for t in w]),
-                  "gradients": storage_bytes([t for _, g in held for t in g]),
-                  "optimizer": storage_bytes(trainer.optimizer.state_tensors())}
-    finally:
-        trainer.close()
-    return {"loss": [loss for _, loss in history], "grad_norm": norms, "memory": memory}
+    return train_curves(flags, after=model_state)
 
 
 def launch(nproc: int, runs: dict, tmp_path) -> dict:
-    out = str(tmp_path / f"zero_{nproc}.json")
     runs = {name: [f.format(tmp=tmp_path) for f in flags] for name, flags in runs.items()}
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MEGALM_TEST_RUNS=json.dumps(runs), MEGALM_TEST_OUT=out)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           os.path.abspath(__file__)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    with open(out) as f:
-        return json.load(f)
+    return launch_workers(os.path.abspath(__file__), nproc, runs, str(tmp_path / f"zero_{nproc}.json"))
 
 
 def planned(flags: list, world_size: int) -> dict:
@@ -258,15 +231,5 @@ def test_one_process_zero3_holds_at_most_three_layers_during_a_step():
         ddp.close()
 
 
-def _worker() -> None:
-    sys.path.insert(0, ROOT)
-    import torch.distributed as dist
-    results = {name: train(flags) for name, flags in json.loads(os.environ["MEGALM_TEST_RUNS"]).items()}
-    if dist.get_rank() == 0:
-        with open(os.environ["MEGALM_TEST_OUT"], "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    _worker()
+    worker_main(train)
