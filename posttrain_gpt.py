@@ -192,14 +192,21 @@ def check_task(config: Config) -> None:
         check_grpo(config)
 
 
+def configure(argv, description=None) -> tuple:
+    """The run's validated config from the command line `argv`, and the starting model's path
+    (--load as given: the reference policy's, also when the run resumes from --save)."""
+    config, ns = parse_args(argv, description=description, sections=SECTIONS)
+    base = config.train.load
+    resume_or_start(config, ns)
+    config.validate()
+    check_task(config)
+    set_vocabulary(config)
+    return config, base
+
+
 def main(argv=None) -> int:
     try:
-        config, ns = parse_args(argv, description=__doc__.split("\n\n")[0], sections=SECTIONS)
-        base = config.train.load  # the starting model, also when the run resumes from --save
-        resume_or_start(config, ns)
-        config.validate()
-        check_task(config)
-        set_vocabulary(config)
+        config, base = configure(argv, description=__doc__.split("\n\n")[0])
         if config.posttrain.task == "grpo":
             from megalm.posttrain.grpo import GRPOTrainer
             # The trainer makes its micro-batches (rollouts) and its loss.

@@ -77,15 +77,9 @@ def posttrain(*argv) -> str:
     import io
 
     import posttrain_gpt
-    from megalm.arguments import parse_args
     from megalm.parallel import state as parallel_state
     from megalm.training.trainer import Trainer
-    config, ns = parse_args(list(argv), sections=posttrain_gpt.SECTIONS)
-    base = config.train.load
-    posttrain_gpt.resume_or_start(config, ns)
-    config.validate()
-    posttrain_gpt.check_task(config)
-    posttrain_gpt.set_vocabulary(config)
+    config, base = posttrain_gpt.configure(list(argv))
     stream = io.StringIO()
     trainer = Trainer(config, *posttrain_gpt.preference_run(config, base), log_stream=stream)
     try:

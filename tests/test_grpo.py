@@ -187,14 +187,8 @@ def run_grpo(flags, trainer_class=GRPOTrainer):
     """posttrain_gpt.py's GRPO run in this process (under torchrun: in its process group):
     (trainer, train state, log text)."""
     import posttrain_gpt
-    from megalm.arguments import parse_args
     from megalm.parallel import state as parallel_state
-    config, ns = parse_args(flags, sections=posttrain_gpt.SECTIONS)
-    base = config.train.load
-    posttrain_gpt.resume_or_start(config, ns)
-    config.validate()
-    posttrain_gpt.check_task(config)
-    posttrain_gpt.set_vocabulary(config)
+    config, base = posttrain_gpt.configure(flags)
     log = io.StringIO()
     trainer = trainer_class(config, posttrain_gpt.model_provider, posttrain_gpt.datasets_provider,
                             reference_path=base, log_stream=log)

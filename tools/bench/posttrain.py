@@ -92,7 +92,6 @@ def _rate(starts: list, units: list, warmup: int) -> float:
 def megalm_dpo(args, paths: dict) -> dict:
     """posttrain_gpt.py --task dpo in this process; pairs/s and real tokens/s."""
     import posttrain_gpt
-    from megalm.arguments import parse_args
     from megalm.parallel import state as parallel_state
     from megalm.training.trainer import Trainer
     argv = ["--task", "dpo", "--load", paths["base"], "--data-path", paths["data"], "--split", "100,0,0",
@@ -101,12 +100,7 @@ def megalm_dpo(args, paths: dict) -> dict:
             "--eval-iters", "0", "--log-interval", str(args.steps), "--seed", str(args.seed),
             "--seq-length", str(2 * args.seq_length), "--max-position-embeddings", str(2 * args.seq_length),
             "--beta", "0.1"]  # a row holds chosen and rejected
-    config, ns = parse_args(argv, sections=posttrain_gpt.SECTIONS)
-    base = config.train.load
-    posttrain_gpt.resume_or_start(config, ns)
-    config.validate()
-    posttrain_gpt.check_task(config)
-    posttrain_gpt.set_vocabulary(config)
+    config, base = posttrain_gpt.configure(argv)
     starts, pairs, tokens = [], [], []
 
     class Timed(Trainer):
@@ -196,7 +190,6 @@ class GRPOSteps:
 def megalm_grpo(args, paths: dict) -> dict:
     """posttrain_gpt.py --task grpo in this process; its step split into rollout and training."""
     import posttrain_gpt
-    from megalm.arguments import parse_args
     from megalm.parallel import state as parallel_state
     from megalm.posttrain.grpo import GRPOTrainer
     steps = GRPOSteps()
@@ -218,11 +211,7 @@ def megalm_grpo(args, paths: dict) -> dict:
             "--global-batch-size", completions, "--train-iters", str(args.warmup + args.steps), "--lr", "1e-5",
             "--loss-type", "dapo", "--log-interval", "1000000", "--eval-iters", "0", "--seed", str(args.seed),
             "--seq-length", str(args.seq_length)]
-    config, ns = parse_args(argv, sections=posttrain_gpt.SECTIONS)
-    posttrain_gpt.resume_or_start(config, ns)
-    config.validate()
-    posttrain_gpt.check_task(config)
-    posttrain_gpt.set_vocabulary(config)
+    config, _ = posttrain_gpt.configure(argv)
     trainer = Timed(config, posttrain_gpt.model_provider, posttrain_gpt.datasets_provider, log_stream=io.StringIO())
     try:
         trainer.train()
