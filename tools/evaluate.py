@@ -46,13 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available).")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto: bf16 on a GPU, fp32 on CPU.")
-    group = parser.add_argument_group("weight-only quantization")
-    group.add_argument("--quantize", choices=quantize.METHODS, help="Quantize the linear layers and compare.")
-    group.add_argument("--group-size", type=int, default=128, help="int4: input features per scale.")
-    group.add_argument("--symmetric", action="store_true", help="int4: symmetric grid (default: asymmetric).")
-    group.add_argument("--act-order", action="store_true", help="gptq: visit columns by decreasing activation.")
-    group.add_argument("--calibration-input", help="gptq: text file or dataset prefix (default: --input).")
-    group.add_argument("--calibration-samples", type=int, default=128, help="gptq: calibration sequences.")
+    group = add_quantization_arguments(parser, "weight-only quantization", "Quantize the linear layers and compare.",
+                                       "gptq: text file or dataset prefix (default: --input).")
     group.add_argument("--save-quantized", help="Write the quantized model to this directory.")
     parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
     return parser.parse_args(argv)
@@ -71,6 +66,18 @@ def run_task(args, loaded, seq_length: int) -> dict:
     examples = evaluate.read_multiple_choice(args.input)
     return evaluate.multiple_choice(loaded.model, encode, examples, loaded.vocab_size, seq_length,
                                     args.batch_size, progress)
+
+
+def add_quantization_arguments(parser, title: str, quantize_help: str, calibration_help: str):
+    """The weight-only quantization flags (--quantize and its settings), as a group of `parser`."""
+    group = parser.add_argument_group(title)
+    group.add_argument("--quantize", choices=quantize.METHODS, help=quantize_help)
+    group.add_argument("--group-size", type=int, default=128, help="int4: input features per scale.")
+    group.add_argument("--symmetric", action="store_true", help="int4: symmetric grid (default: asymmetric).")
+    group.add_argument("--act-order", action="store_true", help="gptq: visit columns by decreasing activation.")
+    group.add_argument("--calibration-input", help=calibration_help)
+    group.add_argument("--calibration-samples", type=int, default=128, help="gptq: calibration sequences.")
+    return group
 
 
 def calibration_batches(args, loaded, seq_length: int) -> list:

@@ -14,7 +14,6 @@ flight, then exits.
 """
 
 import argparse
-import importlib.util
 import os
 import signal
 import sys
@@ -28,6 +27,7 @@ from megalm.convert import ConversionError  # noqa: E402
 from megalm.data.errors import DataError  # noqa: E402
 from megalm.inference import quantize  # noqa: E402
 from megalm.inference.loading import load_model  # noqa: E402
+from tools import evaluate as evaluate_tool  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -50,13 +50,8 @@ def parse_args(argv=None):
     group.add_argument("--block-size", type=int, default=16, help="Tokens per KV cache block.")
     group.add_argument("--max-queue", type=int, default=64,
                        help="Requests that may wait for a slot; more are refused with 429.")
-    group = parser.add_argument_group("quantization")
-    group.add_argument("--quantize", choices=quantize.METHODS, help="Quantize the linear layers' weights at load.")
-    group.add_argument("--group-size", type=int, default=128, help="int4: input features per scale.")
-    group.add_argument("--symmetric", action="store_true", help="int4: symmetric grid (default: asymmetric).")
-    group.add_argument("--act-order", action="store_true", help="gptq: visit columns by decreasing activation.")
-    group.add_argument("--calibration-input", help="gptq: text file or dataset prefix to calibrate on.")
-    group.add_argument("--calibration-samples", type=int, default=128, help="gptq: calibration sequences.")
+    evaluate_tool.add_quantization_arguments(parser, "quantization", "Quantize the linear layers' weights at load.",
+                                             "gptq: text file or dataset prefix to calibrate on.")
     return parser.parse_args(argv)
 
 
@@ -67,11 +62,8 @@ def quantize_loaded(args, loaded) -> None:
         if not args.calibration_input:
             raise ValueError("--quantize gptq-int4 needs --calibration-input TEXT_FILE (or load a model already "
                              "quantized by tools/evaluate.py --save-quantized)")
-        spec = importlib.util.spec_from_file_location("megalm_evaluate_tool", Path(__file__).with_name("evaluate.py"))
-        tool = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tool)
         args.input = args.calibration_input
-        calibration = tool.calibration_batches(args, loaded, loaded.config.model.seq_length)
+        calibration = evaluate_tool.calibration_batches(args, loaded, loaded.config.model.seq_length)
     quantize.quantize_model(loaded.model, args.quantize, calibration, group_size=args.group_size,
                             symmetric=args.symmetric, act_order=args.act_order)
 
